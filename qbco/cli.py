@@ -1,0 +1,168 @@
+"""The qbco command line: each command parses its flags, builds its config and calls one function."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from qbco.errors import QbcoError
+
+app = typer.Typer(
+    help="qbco: align a 4-bit LLM with LoRA + BCO on thumbs-up / thumbs-down feedback.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+@contextmanager
+def user_errors():
+    """A QbcoError is one red line and exit code 2, never a traceback."""
+    try:
+        yield
+    except QbcoError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@app.callback()
+def main() -> None:
+    """qbco: align a 4-bit LLM with LoRA + BCO on thumbs-up / thumbs-down feedback."""
+
+
+@app.command()
+def train(
+    model: Optional[str] = typer.Option(None, help="Model: smollm2-135m (offline), qwen2.5-3b, qwen2.5-7b, llama-3.2-3b, llama-3.1-8b, a local folder or a hub id. [default: smollm2-135m]"),
+    data: Optional[str] = typer.Option(None, help="Feedback: 'demo' (bundled), a registered name (qbco datasets) or a .jsonl/.json/.csv/.parquet file with prompt, completion, label. [default: demo]"),
+    recipe: Optional[Path] = typer.Option(None, help="A YAML recipe (recipes/*.yaml) that supplies defaults; flags override it."),
+    output: Optional[str] = typer.Option(None, help="Run folder. [default: runs/<model>-<data>-<timestamp>]"),
+    loss: Optional[str] = typer.Option(None, help="bco (reward shift delta, Eq. 7) or bce (delta fixed at 0). [default: bco]"),
+    beta: Optional[float] = typer.Option(None, help="Reward scale beta in r = beta * log(pi/pi_ref). [default: 0.1]"),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the LoRA weights (AdamW). [default: 1e-3]"),
+    epochs: Optional[float] = typer.Option(None, help="Passes over the training rows (fractions allowed). [default: 2]"),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps. [default: all epochs]"),
+    batch_size: Optional[int] = typer.Option(None, help="Rows per micro-batch. [default: 8]"),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step. [default: 1]"),
+    max_prompt_length: Optional[int] = typer.Option(None, help="Prompt tokens kept (cut from the left). [default: 256]"),
+    max_completion_length: Optional[int] = typer.Option(None, help="Completion tokens kept (cut from the right). [default: 128]"),
+    lora_r: Optional[int] = typer.Option(None, help="LoRA rank. [default: 16]"),
+    lora_alpha: Optional[int] = typer.Option(None, help="LoRA alpha (scale alpha/r). [default: 32]"),
+    lora_dropout: Optional[float] = typer.Option(None, help="LoRA dropout. [default: 0]"),
+    lora_targets: Optional[str] = typer.Option(None, help="'all-linear' (every decoder linear layer) or names like q_proj,v_proj. [default: all-linear]"),
+    eval_fraction: Optional[float] = typer.Option(None, help="Share of rows held out, split by prompt. [default: the data's own held-out part, else 0.1]"),
+    ema_decay: Optional[float] = typer.Option(None, help="Decay of the per-class reward means behind delta. [default: 0.9]"),
+    warmup_ratio: Optional[float] = typer.Option(None, help="Share of steps of linear learning-rate warm-up. [default: 0.1]"),
+    seed: Optional[int] = typer.Option(None, help="Seed for LoRA init, data order and splits. [default: 0]"),
+    load_in_4bit: Optional[bool] = typer.Option(None, "--4bit/--no-4bit", help="Base in 4-bit NF4 (double quantization) or plain float. [default: 4bit]"),
+    dtype: Optional[str] = typer.Option(None, help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32. [default: auto]"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (non-reentrant). [default: on]"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table; for scripts."),
+) -> None:
+    """Align a model on binary feedback with BCO: 4-bit base, LoRA adapters, reference = adapters off."""
+    from qbco.config import build_config
+
+    with user_errors():
+        config = build_config(
+            recipe,
+            model=model, data=data, output=output, loss=loss, beta=beta, lr=lr, epochs=epochs, max_steps=max_steps,
+            batch_size=batch_size, grad_accum=grad_accum, max_prompt_length=max_prompt_length,
+            max_completion_length=max_completion_length, lora_r=lora_r, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, lora_targets=lora_targets, eval_fraction=eval_fraction, ema_decay=ema_decay,
+            warmup_ratio=warmup_ratio, seed=seed, load_in_4bit=load_in_4bit, dtype=dtype,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        _quiet_libraries()
+        from qbco.train import train as run_training
+
+        log = (lambda message: None) if quiet else (lambda message: console.print(message, highlight=False))
+        if quiet:
+            result = run_training(config, progress=None, log=log)
+        else:
+            columns = [
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  delta {task.fields[delta]:+.4f}  {task.fields[tps]:.0f} tok/s"),
+                TimeElapsedColumn(), TimeRemainingColumn(),
+            ]
+            with Progress(*columns, console=console, transient=False) as progress:
+                result = run_training(config, progress=progress, log=log)
+    if not quiet:
+        table = Table(title=f"qbco train: {result.output}", show_header=False)
+        rows = [
+            ("steps", str(result.steps)),
+            ("time", f"{result.elapsed_s:.1f} s"),
+            ("tokens/s", f"{result.tokens_per_s:.0f}"),
+            ("peak memory", f"{result.peak_memory_mb:.0f} MiB"),
+            ("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-"),
+            ("held-out reward accuracy", f"{result.eval['eval_reward_accuracy']:.3f}" if result.eval else "no held-out rows"),
+        ]
+        for name, value in rows:
+            table.add_row(name, value)
+        Console().print(table)
+    else:
+        print(result.output, file=sys.stdout)
+
+
+@app.command()
+def binarize(
+    input: Path = typer.Argument(..., help="Feedback file: .csv, .tsv, .jsonl, .json or .parquet (by extension)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Thumbs-up/down rows to write (.jsonl); OUTPUT.summary.json goes next to it."),
+    format: Optional[str] = typer.Option(None, "--format", help="Input format when the extension does not say: csv, tsv, jsonl, json, parquet."),
+    score: Optional[str] = typer.Option(None, "--score", help="Score column (default: the first of helpfulness, score, rating)."),
+    threshold: Optional[float] = typer.Option(None, help="A score >= threshold is thumbs-up (default: 4, HelpSteer2's mapping in the paper)."),
+    scale: Optional[str] = typer.Option(None, help="MIN-MAX of the scores, e.g. 0-4; a score outside it is an error (default: inferred and printed)."),
+    prompt_column: Optional[str] = typer.Option(None, help="Prompt column (default: prompt)."),
+    response_column: Optional[str] = typer.Option(None, help="Response column (default: response, then completion)."),
+    pairs: bool = typer.Option(False, "--pairs", help="Rows with prompt, chosen, rejected: chosen -> thumbs-up, rejected -> thumbs-down."),
+    pairs_from_scores: bool = typer.Option(False, "--pairs-from-scores", help="Scored rows sharing a prompt: the higher score -> thumbs-up, the lower -> thumbs-down; ties dropped."),
+    dpo_prompts_only: bool = typer.Option(False, "--dpo-prompts-only", help="Keep only prompts whose responses form a preference pair (scores differ), as the paper did to compare with DPO."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first defective row (empty, missing or non-numeric score, duplicate) instead of dropping it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Turn Likert scores or chosen/rejected pairs into the thumbs-up/down rows `qbco train` reads."""
+    from qbco import binarize as binarizer
+
+    with user_errors():
+        if pairs and pairs_from_scores:
+            raise QbcoError("--pairs and --pairs-from-scores exclude each other; pick one")
+        mode = "pairs" if pairs else "pairs-from-scores" if pairs_from_scores else "likert"
+        options = binarizer.Options(
+            mode=mode, score_column=score, threshold=threshold,
+            scale=binarizer.parse_scale(scale) if scale is not None else None,
+            prompt_column=prompt_column, response_column=response_column,
+            dpo_prompts_only=dpo_prompts_only, strict=strict,
+        )
+        summary = binarizer.binarize(input, output, options, fmt=format, overwrite=overwrite)
+    Console().print(binarizer.summary_table(summary))
+
+
+@app.command("datasets")
+def datasets_() -> None:
+    """List the names `qbco train --data` accepts besides local files."""
+    from qbco.registry import listing
+
+    table = Table(title="qbco datasets: qbco train --data NAME")
+    for column in ("name", "source (splits)", "thumbs-up / down", "description"):
+        table.add_column(column, no_wrap=column == "name", overflow="fold")
+    for row in listing():
+        table.add_row(*row)
+    Console().print(table)

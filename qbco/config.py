@@ -1,0 +1,156 @@
+"""The one typed training config: recipes (YAML) and CLI flags both map onto `TrainConfig` field by field."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qbco.errors import QbcoError
+
+LOSSES = ("bco", "bce")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. The defaults are the embedded demo: `qbco train` with no flags."""
+
+    model: str = "smollm2-135m"
+    data: str = "demo"
+    output: str | None = None  # None: runs/<model>-<data>-<timestamp>
+    loss: str = "bco"  # bco: reward shift delta (Eq. 7); bce: delta fixed at 0
+    beta: float = 0.1
+    lr: float = 1e-3
+    epochs: float = 2.0
+    max_steps: int | None = None  # caps the number of optimizer steps; None: run all epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_prompt_length: int = 256
+    max_completion_length: int = 128
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"  # "all-linear" or a comma-separated list of module names
+    eval_fraction: float | None = None  # None: the data's own held-out part, else 0.1
+    ema_decay: float = 0.9
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    load_in_4bit: bool = True
+    dtype: str = "auto"  # compute dtype; auto: bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = True
+    logprob_chunk: int = 1024  # completion tokens per LM-head chunk
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            (self.beta > 0, f"beta must be > 0 (got {self.beta})"),
+            (self.lr > 0, f"lr must be > 0 (got {self.lr})"),
+            (self.epochs > 0, f"epochs must be > 0 (got {self.epochs})"),
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 (got {self.max_steps})"),
+            (self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1 (got {self.grad_accum})"),
+            (self.max_prompt_length >= 1, f"max_prompt_length must be >= 1 (got {self.max_prompt_length})"),
+            (
+                self.max_completion_length >= 1,
+                f"max_completion_length must be >= 1 (got {self.max_completion_length})",
+            ),
+            (self.lora_r >= 1, f"lora_r must be >= 1 (got {self.lora_r})"),
+            (self.lora_alpha > 0, f"lora_alpha must be > 0 (got {self.lora_alpha})"),
+            (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1) (got {self.lora_dropout})"),
+            (
+                self.eval_fraction is None or 0 <= self.eval_fraction < 1,
+                f"eval_fraction must be in [0, 1) (got {self.eval_fraction})",
+            ),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (got {self.ema_decay})"),
+            (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})"),
+            (self.max_grad_norm > 0, f"max_grad_norm must be > 0 (got {self.max_grad_norm})"),
+            (self.logprob_chunk >= 1, f"logprob_chunk must be >= 1 (got {self.logprob_chunk})"),
+            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)} (got {self.loss!r})"),
+            (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise QbcoError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def _check_keys(keys, where: str) -> None:
+    known = field_names()
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise QbcoError(f"{where}: unknown key '{key}'{hint}")
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The key/value pairs of a YAML recipe, checked against TrainConfig's fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise QbcoError(f"recipe not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise QbcoError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(values, dict):
+        raise QbcoError(f"{path}: a recipe is a mapping of config keys to values")
+    _check_keys(values, str(path))
+    return values
+
+
+def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults, then the recipe's values, then every override that is not None (CLI flags given)."""
+    values: dict[str, Any] = read_recipe(recipe) if recipe else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _check_keys(given, "config")
+    values.update(given)
+    try:
+        config = TrainConfig(**values)
+    except TypeError as err:
+        raise QbcoError(f"config: {err}") from None
+    _coerce_types(config)
+    return config.validate()
+
+
+def _coerce_types(config: TrainConfig) -> None:
+    """YAML gives ints where floats are meant (lr: 1 is fine) and strings like '1e-4'; make them the field's type."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        kind = str(f.type)
+        try:
+            if kind.startswith("float"):
+                setattr(config, f.name, float(value))
+            elif kind.startswith("int"):
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                setattr(config, f.name, int(value))
+            elif kind == "bool" and not isinstance(value, bool):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise QbcoError(f"config: {f.name} must be of type {kind} (got {value!r})") from None
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def load_run_config(path: str | Path) -> TrainConfig:
+    """The config of a finished run (its config.yaml), as a TrainConfig."""
+    return build_config(recipe=path)

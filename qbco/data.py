@@ -1,0 +1,282 @@
+"""Binary feedback data: read rows, normalise labels once, split by prompt, tokenize, batch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from qbco.errors import QbcoError
+
+TRUE_LABELS = {"true", "1", "up", "thumbs_up", "thumbsup", "yes", "positive", "good"}
+FALSE_LABELS = {"false", "0", "down", "thumbs_down", "thumbsdown", "no", "negative", "bad"}
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def normalize_label(value: Any) -> bool:
+    """Every accepted spelling of a label as a bool (PITFALLS 14: never compare labels by identity)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_LABELS | FALSE_LABELS:
+        return value.strip().lower() in TRUE_LABELS
+    raise ValueError(f"not a thumbs-up/down label: {value!r}")
+
+
+@dataclass
+class Example:
+    """One feedback row. `prompt` is a string or a list of chat messages; `source` names file and row."""
+
+    prompt: str | list[dict[str, str]]
+    completion: str
+    label: bool
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_key(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else json.dumps(self.prompt, sort_keys=True)
+
+
+def _completion_text(value: Any) -> Any:
+    """TRL's conversational rows store the completion as [{'role': 'assistant', 'content': ...}]."""
+    if isinstance(value, list):
+        return "".join(m.get("content", "") for m in value if isinstance(m, dict) and m.get("role") == "assistant")
+    return value
+
+
+def rows_to_examples(rows: list[dict[str, Any]], origin: str) -> list[Example]:
+    """Check columns and values of raw rows; the error names origin, row and column."""
+    if not rows:
+        raise QbcoError(f"{origin}: no rows")
+    examples = []
+    for i, row in enumerate(rows, start=1):
+        missing = [c for c in ("prompt", "completion", "label") if c not in row]
+        if missing:
+            found = ", ".join(map(str, row.keys())) or "none"
+            raise QbcoError(f"{origin}: row {i}: missing column(s) {', '.join(missing)} (found: {found})")
+        prompt, completion = row["prompt"], _completion_text(row["completion"])
+        try:
+            label = normalize_label(row["label"])
+        except ValueError:
+            raise QbcoError(
+                f"{origin}: row {i}, column label: {row['label']!r} is not a thumbs-up/down label "
+                "(use true/false, 1/0, up/down or thumbs_up/thumbs_down)"
+            ) from None
+        if not isinstance(prompt, (str, list)) or not prompt or (isinstance(prompt, str) and not prompt.strip()):
+            raise QbcoError(f"{origin}: row {i}, column prompt: empty or not text")
+        if isinstance(prompt, list) and not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+            raise QbcoError(f"{origin}: row {i}, column prompt: a list prompt must hold {{role, content}} messages")
+        if not isinstance(completion, str) or not completion.strip():
+            raise QbcoError(f"{origin}: row {i}, column completion: empty or not text")
+        extra = {k: v for k, v in row.items() if k not in ("prompt", "completion", "label")}
+        examples.append(Example(prompt, completion, label, f"{origin}:{i}", extra))
+    return examples
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a local .jsonl / .json / .csv / .parquet file, as dicts."""
+    if not path.is_file():
+        raise QbcoError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            rows = []
+            with path.open(encoding="utf-8-sig") as f:
+                for n, line in enumerate(f, start=1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as err:
+                            raise QbcoError(f"{path}: line {n}: not valid JSON ({err.msg})") from None
+            return rows
+        if suffix == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8-sig"))
+            except json.JSONDecodeError as err:
+                raise QbcoError(f"{path}: not valid JSON at line {err.lineno} ({err.msg})") from None
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                raise QbcoError(f"{path}: expected a JSON list of rows")
+            return data
+        if suffix == ".csv":
+            with path.open(encoding="utf-8-sig", newline="") as f:
+                return list(csv.DictReader(f))
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+    except UnicodeDecodeError:
+        raise QbcoError(f"{path}: not UTF-8 text") from None
+    except OSError as err:
+        raise QbcoError(f"{path}: cannot read ({err})") from None
+    except Exception as err:  # pyarrow raises its own types for truncated or corrupt files
+        if isinstance(err, QbcoError):
+            raise
+        raise QbcoError(f"{path}: unreadable {suffix[1:]} file ({type(err).__name__})") from None
+    raise QbcoError(f"{path}: unsupported file type '{suffix}' (use {', '.join(SUFFIXES)})")
+
+
+def read_demo() -> tuple[list[Example], list[Example]]:
+    """The bundled demo set, already split by prompt (scripts/make_demo.py writes it)."""
+    text = resources.files("qbco").joinpath("resources/demo.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    examples = rows_to_examples(rows, "demo")
+    return [e for e in examples if e.extra["split"] == "train"], [e for e in examples if e.extra["split"] == "eval"]
+
+
+def split_by_prompt(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out about `fraction` of the rows, whole prompts at a time, so no prompt is in both parts."""
+    if fraction <= 0:
+        return examples, []
+    prompts = sorted({e.prompt_key for e in examples})
+    random.Random(seed).shuffle(prompts)
+    n_eval = max(1, round(fraction * len(prompts)))
+    held = set(prompts[:n_eval])
+    return [e for e in examples if e.prompt_key not in held], [e for e in examples if e.prompt_key in held]
+
+
+def load_feedback(data: str, eval_fraction: float | None, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, eval) examples from 'demo', a registered dataset name, or a local file.
+
+    eval_fraction None keeps the data's own held-out part (the demo's, a registry's validation split)
+    and otherwise holds out 10%; a number re-splits everything by prompt with that fraction.
+    """
+    own_eval: list[Example] | None = None
+    if data == "demo":
+        train, own_eval = read_demo()
+        return _resplit(train, own_eval, eval_fraction, seed)
+    from qbco import registry
+
+    if registry.is_registered(data):
+        train_rows, eval_rows = registry.load_registered(data)
+        train = rows_to_examples(train_rows, data)
+        own_eval = rows_to_examples(eval_rows, f"{data}:eval") if eval_rows else None
+    else:
+        path = Path(data).expanduser()
+        if not path.exists() and path.suffix.lower() not in SUFFIXES:
+            names = ", ".join(["demo", *registry.DATASETS])
+            raise QbcoError(f"--data {data!r} is neither a file nor a registered dataset ({names})")
+        train = rows_to_examples(read_rows(path), str(path))
+    return _resplit(train, own_eval, eval_fraction, seed)
+
+
+def _resplit(train: list[Example], own_eval: list[Example] | None, eval_fraction: float | None, seed: int):
+    if eval_fraction is None and own_eval is not None:
+        return train, own_eval
+    everything = train + (own_eval or [])
+    return split_by_prompt(everything, 0.1 if eval_fraction is None else eval_fraction, seed)
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+@dataclass
+class Encoded:
+    """Token ids of one example: prompt then completion; `truncated` says which side was cut."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+    prompt_cut: bool
+    completion_cut: bool
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+def prompt_text(prompt: str | list[dict[str, str]], tokenizer) -> tuple[str, bool]:
+    """The prompt as the model sees it; (text, True) when it went through the chat template."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+    return "\n\n".join(m["content"] for m in messages) + "\n\n", False
+
+
+def encode(example: Example, tokenizer, max_prompt_length: int, max_completion_length: int) -> Encoded:
+    """Prompt cut from the left, completion (ended by EOS) cut from the right."""
+    text, templated = prompt_text(example.prompt, tokenizer)
+    # A chat template writes its own BOS where the model wants one; a raw prompt gets the tokenizer's default.
+    prompt_ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
+    completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    prompt_cut = len(prompt_ids) > max_prompt_length
+    completion_cut = len(completion_ids) > max_completion_length
+    return Encoded(
+        prompt_ids=prompt_ids[-max_prompt_length:],
+        completion_ids=completion_ids[:max_completion_length],
+        label=example.label,
+        prompt_cut=prompt_cut,
+        completion_cut=completion_cut,
+    )
+
+
+def encode_all(examples: list[Example], tokenizer, max_prompt_length: int, max_completion_length: int) -> list[Encoded]:
+    return [encode(e, tokenizer, max_prompt_length, max_completion_length) for e in examples]
+
+
+@dataclass
+class Batch:
+    """Right-padded ids; completion_mask marks the tokens whose log-probs make up the reward."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    completion_mask: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B] bool
+    index: torch.Tensor  # [B] position of each row in the encoded dataset
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.completion_mask, self.labels, self.index)))
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(encoded: list[Encoded], index: list[int], pad_id: int) -> Batch:
+    rows = [encoded[i] for i in index]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        p, c = len(r.prompt_ids), len(r.completion_ids)
+        input_ids[b, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
+        attention_mask[b, : p + c] = 1
+        completion_mask[b, p : p + c] = 1
+    labels = torch.tensor([r.label for r in rows], dtype=torch.bool)
+    return Batch(input_ids, attention_mask, completion_mask, labels, torch.tensor(index, dtype=torch.long))
+
+
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int, lengths: list[int]) -> list[list[int]]:
+    """Shuffled batches of row indices for one epoch, grouped by length to cut padding.
+
+    Rows are shuffled with (seed, epoch), then sorted by length inside windows of 32 batches, cut into
+    batches, and the batches shuffled again: similar lengths share a batch, the order stays random.
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(n))
+    rng.shuffle(order)
+    window = batch_size * 32
+    grouped = []
+    for start in range(0, n, window):
+        grouped.extend(sorted(order[start : start + window], key=lambda i: lengths[i]))
+    batches = [grouped[i : i + batch_size] for i in range(0, n, batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def iter_batches(encoded: list[Encoded], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """In-order batches for evaluation and reference passes, longest-first within the data to cut padding."""
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        yield collate(encoded, order[start : start + batch_size], pad_id)

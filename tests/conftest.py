@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny randomly initialised llamas built from a config, with a word-level tokenizer.
+Nothing here touches the network or needs a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SPECIALS = ["<pad>", "<unk>", "<eos>"]
+BASE_WORDS = ["user", "assistant", "system", ":", "?", ".", ","]
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+
+
+def make_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(SPECIALS + BASE_WORDS + words))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=2,
+    )
+    return LlamaForCausalLM(config).float()
+
+
+def separable_rows(n_prompts: int = 40, seed: int = 0) -> list[dict]:
+    """A trivially separable feedback set: thumbs-up completions are 'good answer ...', down 'bad answer ...'."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for k in range(n_prompts):
+        prompt = f"question q{k} ?"
+        rows.append({"prompt": prompt, "completion": f"good answer a{rng.randrange(8)} .", "label": True})
+        rows.append({"prompt": prompt, "completion": f"bad answer a{rng.randrange(8)} .", "label": False})
+        if k % 2:  # imbalanced, as real feedback is: 40% up
+            rows.append({"prompt": prompt, "completion": f"bad answer a{rng.randrange(8)} , sorry", "label": False})
+    return rows
+
+
+def words_of(rows: list[dict]) -> list[str]:
+    words = []
+    for r in rows:
+        words += r["prompt"].split() + r["completion"].split()
+    return sorted(set(words)) + ["good", "bad", "answer", "sorry"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny llama + tokenizer folder that qbco loads like any local model."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    rows = separable_rows(60)
+    tok = make_tokenizer(words_of(rows) + [f"q{k}" for k in range(200)] + [f"a{k}" for k in range(8)])
+    model = make_tiny_llama(len(tok))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def separable_file(tmp_path) -> Path:
+    path = tmp_path / "separable.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(40)), encoding="utf-8")
+    return path
