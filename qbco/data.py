@@ -257,22 +257,13 @@ def collate(encoded: list[Encoded], index: list[int], pad_id: int) -> Batch:
     return Batch(input_ids, attention_mask, completion_mask, labels, torch.tensor(index, dtype=torch.long))
 
 
-def epoch_order(n: int, batch_size: int, seed: int, epoch: int, lengths: list[int]) -> list[list[int]]:
-    """Shuffled batches of row indices for one epoch, grouped by length to cut padding.
-
-    Rows are shuffled with (seed, epoch), then sorted by length inside windows of 32 batches, cut into
-    batches, and the batches shuffled again: similar lengths share a batch, the order stays random.
-    """
-    rng = random.Random(seed * 100_003 + epoch)
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of row indices for one epoch, shuffled with (seed, epoch): a pure function of both, so a
+    resumed run sees the same order. Not grouped by length: on feedback data length tracks the label
+    (refusals are short, rude replies long) and length-sorted batches become one-class batches."""
     order = list(range(n))
-    rng.shuffle(order)
-    window = batch_size * 32
-    grouped = []
-    for start in range(0, n, window):
-        grouped.extend(sorted(order[start : start + window], key=lambda i: lengths[i]))
-    batches = [grouped[i : i + batch_size] for i in range(0, n, batch_size)]
-    rng.shuffle(batches)
-    return batches
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
 def iter_batches(encoded: list[Encoded], batch_size: int, pad_id: int) -> Iterator[Batch]:

@@ -77,12 +77,17 @@ def reference_logps(model, encoded, batch_size, pad_id, device, chunk) -> torch.
         return dataset_logps(model, encoded, batch_size, pad_id, device, chunk)
 
 
-def micro_batches(n: int, lengths: list[int], config: TrainConfig):
-    """(epoch, row indices) for every micro-batch of the run, epoch after epoch, each epoch reshuffled."""
+def step_windows(n: int, config: TrainConfig):
+    """The rows of every optimizer step, epoch after epoch (each reshuffled), cut into micro-batches.
+
+    A step's rows do not depend on how they are cut: batch 8 x accumulation 1 and batch 2 x
+    accumulation 4 see the same rows and make the same update.
+    """
+    window = config.batch_size * config.grad_accum
     epoch = 0
     while True:
-        for batch in epoch_order(n, config.batch_size, config.seed, epoch, lengths):
-            yield epoch, batch
+        for rows in epoch_order(n, window, config.seed, epoch):
+            yield [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
         epoch += 1
 
 
@@ -122,8 +127,8 @@ def train(config: TrainConfig, progress=None, log=print) -> RunResult:
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    batches_per_epoch = math.ceil(len(train_enc) / config.batch_size)
-    total_steps = math.ceil(math.ceil(config.epochs * batches_per_epoch) / config.grad_accum)
+    steps_per_epoch = math.ceil(len(train_enc) / (config.batch_size * config.grad_accum))
+    total_steps = math.ceil(config.epochs * steps_per_epoch)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     warmup = int(config.warmup_ratio * total_steps)
@@ -132,20 +137,15 @@ def train(config: TrainConfig, progress=None, log=print) -> RunResult:
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
     )
     shift = RewardShift(config.ema_decay)
-    lengths = [len(e) for e in train_enc]
-    stream = micro_batches(len(train_enc), lengths, config)
-    consumed, loss_value, run_tokens = 0, None, 0
+    windows = step_windows(len(train_enc), config)
+    loss_value, run_tokens = None, 0
     started = time.perf_counter()
     task = progress.add_task("training", total=total_steps, loss=float("nan"), delta=0.0, tps=0.0) if progress else None
 
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as metrics_file:
         for step in range(1, total_steps + 1):
             step_start = time.perf_counter()
-            window: list[Batch] = []
-            for _ in range(config.grad_accum):
-                epoch, rows = next(stream)
-                window.append(collate(train_enc, rows, pad_id))
-                consumed += 1
+            window: list[Batch] = [collate(train_enc, rows, pad_id) for rows in next(windows)]
             labels = torch.cat([b.labels for b in window])
             n_up, n_down = int(labels.sum()), int((~labels).sum())
             delta = shift.delta if config.loss == "bco" else 0.0  # frozen for the whole window
@@ -172,7 +172,7 @@ def train(config: TrainConfig, progress=None, log=print) -> RunResult:
             loss_value = step_loss
             record = {
                 "step": step,
-                "epoch": round(consumed / batches_per_epoch, 4),
+                "epoch": round(step / steps_per_epoch, 4),
                 "loss": step_loss,
                 "delta": delta,
                 "reward_up": float(rewards_t[labels].mean()) if n_up else None,
