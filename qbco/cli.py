@@ -59,7 +59,7 @@ def train(
     loss: Optional[str] = typer.Option(None, help="bco (reward shift delta, Eq. 7) or bce (delta fixed at 0). (default: bco)"),
     beta: Optional[float] = typer.Option(None, help="Reward scale beta in r = beta * log(pi/pi_ref). (default: 0.1)"),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate of the LoRA weights (AdamW). (default: 1e-3)"),
-    epochs: Optional[float] = typer.Option(None, help="Passes over the training rows (fractions allowed). (default: 2)"),
+    epochs: Optional[float] = typer.Option(None, help="Passes over the training rows (fractions allowed). (default: 1)"),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps. (default: all epochs)"),
     batch_size: Optional[int] = typer.Option(None, help="Rows per micro-batch. (default: 8)"),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step. (default: 1)"),
@@ -72,10 +72,13 @@ def train(
     eval_fraction: Optional[float] = typer.Option(None, help="Share of rows held out, split by prompt. (default: the data's own held-out part, else 0.1)"),
     ema_decay: Optional[float] = typer.Option(None, help="Decay of the per-class reward means behind delta. (default: 0.9)"),
     warmup_ratio: Optional[float] = typer.Option(None, help="Share of steps of linear learning-rate warm-up. (default: 0.1)"),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay of the LoRA weights. (default: 0)"),
+    max_grad_norm: Optional[float] = typer.Option(None, help="Gradient norm clip per optimizer step. (default: 1.0)"),
     seed: Optional[int] = typer.Option(None, help="Seed for LoRA init, data order and splits. (default: 0)"),
     load_in_4bit: Optional[bool] = typer.Option(None, "--4bit/--no-4bit", help="Base in 4-bit NF4 (double quantization) or plain float. (default: 4bit)"),
     dtype: Optional[str] = typer.Option(None, help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32. (default: auto)"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (non-reentrant). (default: on)"),
+    logprob_chunk: Optional[int] = typer.Option(None, help="Completion tokens per LM-head chunk: bounds the logits memory. (default: 1024)"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table; for scripts."),
 ) -> None:
     """Align a model on binary feedback with BCO: 4-bit base, LoRA adapters, reference = adapters off."""
@@ -88,8 +91,9 @@ def train(
             batch_size=batch_size, grad_accum=grad_accum, max_prompt_length=max_prompt_length,
             max_completion_length=max_completion_length, lora_r=lora_r, lora_alpha=lora_alpha,
             lora_dropout=lora_dropout, lora_targets=lora_targets, eval_fraction=eval_fraction, ema_decay=ema_decay,
-            warmup_ratio=warmup_ratio, seed=seed, load_in_4bit=load_in_4bit, dtype=dtype,
-            gradient_checkpointing=gradient_checkpointing,
+            warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
+            load_in_4bit=load_in_4bit, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+            logprob_chunk=logprob_chunk,
         )
         _quiet_libraries()
         from qbco.train import train as run_training

@@ -26,7 +26,7 @@ class TrainConfig:
     loss: str = "bco"  # bco: reward shift delta (Eq. 7); bce: delta fixed at 0
     beta: float = 0.1
     lr: float = 1e-3
-    epochs: float = 2.0
+    epochs: float = 1.0
     max_steps: int | None = None  # caps the number of optimizer steps; None: run all epochs
     batch_size: int = 8
     grad_accum: int = 1

@@ -213,3 +213,23 @@ def reference(model):
     """The reference policy: the same PeftModel with its adapters disabled, without gradients."""
     with model.disable_adapter(), torch.no_grad():
         yield model
+
+
+def load_run(run_dir: str | Path, device: torch.device | None = None):
+    """(config, tokenizer, PeftModel) of a finished run: the base loaded as it was trained (4-bit or not),
+    the run's adapter on top, in eval mode. Used by eval, merge, generate and the tests."""
+    from peft import PeftModel
+
+    from qbco.config import load_run_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise QbcoError(f"{run_dir} is not a finished qbco run (needs config.yaml and adapter/)")
+    config = load_run_config(run_dir / "config.yaml")
+    device = device or default_device()
+    path = resolve_model(config.model)
+    tokenizer = load_tokenizer(str(run_dir / "adapter"))
+    base = load_base(path, config.load_in_4bit, compute_dtype(config.dtype, device), device)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False)
+    model.eval()
+    return config, tokenizer, model
