@@ -45,6 +45,20 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _run(run_training, config, quiet: bool, resume, overwrite: bool):
+    """The training run, under a rich progress bar unless quiet."""
+    if quiet:
+        return run_training(config, progress=None, log=lambda message: None, resume=resume, overwrite=overwrite)
+    log = lambda message: console.print(message, highlight=False)  # noqa: E731
+    columns = [
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  delta {task.fields[delta]:+.4f}  {task.fields[tps]:.0f} tok/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, transient=False) as progress:
+        return run_training(config, progress=progress, log=log, resume=resume, overwrite=overwrite)
+
+
 @app.callback()
 def main() -> None:
     """qbco: align a 4-bit LLM with LoRA + BCO on thumbs-up / thumbs-down feedback."""
@@ -79,12 +93,21 @@ def train(
     dtype: Optional[str] = typer.Option(None, help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32. (default: auto)"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (non-reentrant). (default: on)"),
     logprob_chunk: Optional[int] = typer.Option(None, help="Completion tokens per LM-head chunk: bounds the logits memory. (default: 1024)"),
+    save_every: Optional[int] = typer.Option(None, help="Optimizer steps between checkpoints; one is always written at the end and on Ctrl-C. (default: 50)"),
+    keep: Optional[int] = typer.Option(None, help="Checkpoints kept in RUN/checkpoints. (default: 2)"),
+    allow_one_class: Optional[bool] = typer.Option(None, "--allow-one-class", help="Train BCO on data that holds only thumbs-up or only thumbs-down rows. (default: refuse)"),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Run the Python code a hub model ships. (default: off)"),
+    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run from its last checkpoint, with its own config.yaml."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run that --output already holds."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table; for scripts."),
 ) -> None:
     """Align a model on binary feedback with BCO: 4-bit base, LoRA adapters, reference = adapters off."""
+    given = [name for name, value in locals().items() if value is not None and name not in ("quiet", "overwrite", "resume")]
     from qbco.config import build_config
 
     with user_errors():
+        if resume is not None and given:
+            raise QbcoError(f"--resume continues a run with its own config.yaml; drop --{given[0].replace('_', '-')}")
         config = build_config(
             recipe,
             model=model, data=data, output=output, loss=loss, beta=beta, lr=lr, epochs=epochs, max_steps=max_steps,
@@ -93,22 +116,21 @@ def train(
             lora_dropout=lora_dropout, lora_targets=lora_targets, eval_fraction=eval_fraction, ema_decay=ema_decay,
             warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
             load_in_4bit=load_in_4bit, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-            logprob_chunk=logprob_chunk,
+            logprob_chunk=logprob_chunk, save_every=save_every, keep=keep, allow_one_class=allow_one_class,
+            trust_remote_code=trust_remote_code,
         )
         _quiet_libraries()
-        from qbco.train import train as run_training
+        from qbco.train import TrainingStopped, train as run_training
 
-        log = (lambda message: None) if quiet else (lambda message: console.print(message, highlight=False))
-        if quiet:
-            result = run_training(config, progress=None, log=log)
-        else:
-            columns = [
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  delta {task.fields[delta]:+.4f}  {task.fields[tps]:.0f} tok/s"),
-                TimeElapsedColumn(), TimeRemainingColumn(),
-            ]
-            with Progress(*columns, console=console, transient=False) as progress:
-                result = run_training(config, progress=progress, log=log)
+        try:
+            result = _run(run_training, config, quiet, resume, overwrite)
+        except TrainingStopped as stop:  # reported even with --quiet: it says how to go on
+            console.print(f"[bold yellow]stopped:[/] {stop}", highlight=False, soft_wrap=True)
+            raise typer.Exit(stop.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[bold yellow]interrupted:[/] exited at once; the last complete checkpoint is intact "
+                          "(qbco train --resume RUN continues from it)", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
     if not quiet:
         table = Table(title=f"qbco train: {result.output}", show_header=False)
         rows = [
@@ -169,4 +191,98 @@ def datasets_() -> None:
         table.add_column(column, no_wrap=column == "name", overflow="fold")
     for row in listing():
         table.add_row(*row)
+    Console().print(table)
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (config.yaml, adapter/)."),
+    data: Optional[str] = typer.Option(None, help="Rows to score: a file (every row; prompt/completion/label or prompt/chosen/rejected) or a name (its held-out part). (default: the run's held-out part)"),
+    slice_by: Optional[str] = typer.Option(None, help="Also report every figure per value of this column (e.g. task in the demo data)."),
+    batch_size: Optional[int] = typer.Option(None, help="Rows per scoring batch. (default: the run's batch size)"),
+) -> None:
+    """Score feedback with a run: classification, calibration, pairs, drift; writes RUN_DIR/eval/."""
+    with user_errors():
+        from qbco.evaluate import evaluate, summary_table
+
+        if batch_size is not None and batch_size < 1:
+            raise QbcoError(f"--batch-size must be >= 1 (got {batch_size})")
+        _quiet_libraries()
+        report = evaluate(run_dir, data=data, slice_by=slice_by, batch_size=batch_size,
+                          log=lambda message: console.print(message, highlight=False))
+    Console().print(summary_table(report))
+    for path in report["files"]:
+        console.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., help="A run folder with metrics.jsonl (finished or still training)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write. (default: RUN_DIR/metrics.png)"),
+) -> None:
+    """Draw a run's metrics.jsonl as PNG: loss, delta, thumbs-up/down rewards and tokens/s per step."""
+    with user_errors():
+        from qbco.plot import training_curves
+
+        path = training_curves(run_dir, output)
+    console.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+def merge(
+    run_dir: Path = typer.Argument(..., help="A finished qbco run (config.yaml + adapter/)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write: a standard Hugging Face model (safetensors, config, tokenizer, README)."),
+    base: str = typer.Option("dequantized", help="Merge into 'dequantized' (the NF4 weights the adapter was trained against: answers like the trained model) or 'original' (the checkpoint's float weights). See docs/merge.md."),
+    dtype: str = typer.Option("bf16", help="Weights of the merged model: bf16, fp16 or fp32 (never 4-bit: it rounds the update away)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload OUTPUT with plain transformers and compare its logits with base + adapter in memory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists (only a model folder)."),
+) -> None:
+    """Merge a run's LoRA adapter into float weights and save a model that loads without peft."""
+    with user_errors():
+        _quiet_libraries()
+        from qbco.merge import merge as run_merge
+
+        result = run_merge(run_dir, output, base=base, dtype=dtype, verify_output=verify, overwrite=overwrite,
+                           log=lambda message: console.print(message, highlight=False))
+    table = Table(title=f"qbco merge: {result.output}", show_header=False)
+    table.add_row("merged into", f"{result.base} base weights, {result.dtype}")
+    fid = result.fidelity
+    table.add_row("vs trained model (4-bit + adapter)",
+                  f"mean |delta log p| {fid.mean_abs:.2e} nats/token, max {fid.max_abs:.2e} ({fid.tokens} tokens, {fid.rows} held-out rows)")
+    check = result.verification
+    if check:
+        table.add_row("verify: logits vs base + adapter",
+                      f"max |diff| {check.max_abs:.2e}, mean {check.mean_abs:.2e} (tolerance {check.tolerance:g}): [green]passed[/]")
+        table.add_row("adapter's own effect on logits", f"mean {check.adapter_effect:.2e}")
+    else:
+        table.add_row("verify", "skipped (--no-verify)")
+    Console().print(table)
+
+
+@app.command()
+def generate(
+    target: str = typer.Argument(..., help="A qbco run folder (4-bit base + adapter) or a merged model folder."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="A prompt to answer (repeat for more)."),
+    data: Optional[str] = typer.Option(None, help="Answer the prompts of a file with a prompt column, or 'demo' (its held-out prompts)."),
+    limit: int = typer.Option(5, help="How many distinct prompts of --data to answer."),
+    compare: bool = typer.Option(False, "--compare", help="Also answer with the base (adapters off) and show both side by side."),
+    max_new_tokens: int = typer.Option(128, help="Most tokens generated per answer."),
+    temperature: float = typer.Option(0.0, help="0 is greedy decoding; above 0 samples."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the smallest set of tokens with this much probability."),
+    seed: int = typer.Option(0, help="Seed for sampling (the same for base and tuned)."),
+) -> None:
+    """Answer prompts with a tuned model, and with --compare its base too, side by side."""
+    with user_errors():
+        _quiet_libraries()
+        from qbco.generate import Sampling, generate as run_generate, prompt_label, read_prompts
+
+        prompts = read_prompts(prompt, data, limit)
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        answers, kind = run_generate(target, prompts, sampling, compare=compare)
+    table = Table(title=f"qbco generate: {target} ({kind})", caption=sampling.describe(), show_lines=True)
+    table.add_column("prompt", overflow="fold", ratio=1)
+    for column in (("base", "tuned") if compare else ("answer",)):
+        table.add_column(column, overflow="fold", ratio=2)
+    for answer in answers:
+        table.add_row(prompt_label(answer.prompt), *((answer.base, answer.tuned) if compare else (answer.tuned,)))
     Console().print(table)

@@ -46,6 +46,10 @@ class TrainConfig:
     dtype: str = "auto"  # compute dtype; auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = True
     logprob_chunk: int = 1024  # completion tokens per LM-head chunk
+    save_every: int = 50  # optimizer steps between checkpoints (one is always written at the end)
+    keep: int = 2  # checkpoints kept
+    allow_one_class: bool = False  # train on data with one class only (BCO's delta then tracks that class alone)
+    trust_remote_code: bool = False  # run a hub model's own Python code
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -70,6 +74,8 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (got {self.ema_decay})"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})"),
             (self.max_grad_norm > 0, f"max_grad_norm must be > 0 (got {self.max_grad_norm})"),
+            (self.save_every >= 1, f"save_every must be >= 1 (got {self.save_every})"),
+            (self.keep >= 1, f"keep must be >= 1 (got {self.keep})"),
             (self.logprob_chunk >= 1, f"logprob_chunk must be >= 1 (got {self.logprob_chunk})"),
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)} (got {self.loss!r})"),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})"),

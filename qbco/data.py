@@ -173,7 +173,12 @@ def _resplit(train: list[Example], own_eval: list[Example] | None, eval_fraction
     if eval_fraction is None and own_eval is not None:
         return train, own_eval
     everything = train + (own_eval or [])
-    return split_by_prompt(everything, 0.1 if eval_fraction is None else eval_fraction, seed)
+    fraction = 0.1 if eval_fraction is None else eval_fraction
+    train, held = split_by_prompt(everything, fraction, seed)
+    if not train:
+        n = len({e.prompt_key for e in everything})
+        raise QbcoError(f"no training rows left after holding out {fraction:g} of {n} prompt(s); lower --eval-fraction or add data")
+    return train, held
 
 
 # ---------------------------------------------------------------- tokenization
@@ -188,6 +193,7 @@ class Encoded:
     label: bool
     prompt_cut: bool
     completion_cut: bool
+    source: str = ""
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
@@ -217,6 +223,7 @@ def encode(example: Example, tokenizer, max_prompt_length: int, max_completion_l
         label=example.label,
         prompt_cut=prompt_cut,
         completion_cut=completion_cut,
+        source=example.source,
     )
 
 

@@ -114,11 +114,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_base(path: str, load_in_4bit: bool, dtype: torch.dtype, device: torch.device):
-    """The frozen base: NF4 with double quantization (compute in `dtype`), or plain `dtype` weights."""
+def load_base(path: str, load_in_4bit: bool, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
+    """The frozen base: NF4 with double quantization (compute in `dtype`), or plain `dtype` weights.
+    Weights are read from safetensors only; a hub model's own code runs only with trust_remote_code."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict = {"dtype": dtype, "use_safetensors": True}
+    kwargs: dict = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -199,8 +200,8 @@ def load_policy(config, device: torch.device | None = None):
     """(tokenizer, PeftModel, resolved model path) for a TrainConfig."""
     device = device or default_device()
     path = resolve_model(config.model)
-    tokenizer = load_tokenizer(path)
-    base = load_base(path, config.load_in_4bit, compute_dtype(config.dtype, device), device)
+    tokenizer = load_tokenizer(path, config.trust_remote_code)
+    base = load_base(path, config.load_in_4bit, compute_dtype(config.dtype, device), device, config.trust_remote_code)
     model = attach_lora(
         base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.gradient_checkpointing
     )
@@ -229,7 +230,7 @@ def load_run(run_dir: str | Path, device: torch.device | None = None):
     device = device or default_device()
     path = resolve_model(config.model)
     tokenizer = load_tokenizer(str(run_dir / "adapter"))
-    base = load_base(path, config.load_in_4bit, compute_dtype(config.dtype, device), device)
+    base = load_base(path, config.load_in_4bit, compute_dtype(config.dtype, device), device, config.trust_remote_code)
     model = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False)
     model.eval()
     return config, tokenizer, model

@@ -1,5 +1,5 @@
 """The training loop: data, reference log-probs once, then per optimizer step policy log-probs, BCO loss,
-backward, step, reward-shift update, log. A reader should find every step of the algorithm here."""
+backward, step, reward-shift update, log, checkpoint. A reader should find every step of the algorithm here."""
 
 from __future__ import annotations
 
@@ -8,21 +8,33 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from qbco.config import TrainConfig, save_config
+from qbco.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from qbco.config import TrainConfig, load_run_config, save_config
 from qbco.data import Batch, Encoded, collate, encode_all, epoch_order, iter_batches, load_feedback
 from qbco.errors import QbcoError
 from qbco.logprobs import completion_logps
 from qbco.loss import bco_loss, implicit_rewards
-from qbco.models import default_device, load_policy, reference
+from qbco.models import default_device, load_policy, reference, resolve_model
 from qbco.shift import RewardShift
+
+
+class TrainingStopped(Exception):
+    """Training stopped before its last step (a signal, or a non-finite loss); a checkpoint was kept.
+    `exit_code` is what the CLI exits with."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -43,12 +55,16 @@ def default_output(config: TrainConfig) -> Path:
     return Path("runs") / f"{model}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_output(config: TrainConfig) -> Path:
-    out = Path(config.output) if config.output else default_output(config)
-    if out.exists() and any(out.iterdir()):
-        raise QbcoError(f"output folder {out} is not empty; choose another --output")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def check_output(out: Path, overwrite: bool) -> None:
+    """A new run goes into a missing or empty folder; one that holds a run needs --overwrite (or --resume)."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise QbcoError(f"--output {out} is a file; choose a folder")
+    if not (out / "config.yaml").is_file():
+        raise QbcoError(f"--output {out} is not empty and holds no qbco run; choose another folder")
+    if not overwrite:
+        raise QbcoError(f"--output {out} already holds a run; continue it with --resume {out} or replace it with --overwrite")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -98,17 +114,52 @@ def held_out_figures(rewards: torch.Tensor, labels: torch.Tensor, delta: float) 
     return {"eval_loss": float(loss), "eval_reward_accuracy": float(correct.float().mean()), "eval_rows": len(labels)}
 
 
-def train(config: TrainConfig, progress=None, log=print) -> RunResult:
-    """Run one BCO (or BCE) training run as `config` says; returns what the summary table shows."""
-    device = default_device()
-    out = prepare_output(config)
-    save_config(config, out / "config.yaml")
-    torch.manual_seed(config.seed)
+class StopSignals:
+    """SIGINT / SIGTERM: the first asks the loop to stop after the current step; a second exits at once."""
 
+    def __init__(self, log):
+        self.requested, self.log, self.previous = None, log, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt  # the last complete checkpoint stays as it was: writes are atomic
+        self.requested = signal.Signals(signum).name
+        self.log(f"{self.requested}: finishing this step, then writing a checkpoint (again to exit at once)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config: TrainConfig, progress=None, log=print, resume: str | Path | None = None, overwrite: bool = False) -> RunResult:
+    """Run one BCO (or BCE) training run as `config` says, or continue `resume`; returns what the summary shows."""
+    device = default_device()
+    if resume is not None:
+        out = Path(resume)
+        if not (out / "config.yaml").is_file():
+            raise QbcoError(f"--resume {out}: no qbco run there (config.yaml missing)")
+        config = load_run_config(out / "config.yaml")
+        if not checkpoint_dirs(out):
+            raise QbcoError(f"--resume {out}: the run has no complete checkpoint to continue from; start it again")
+    else:
+        out = Path(config.output) if config.output else default_output(config)
+        check_output(out, overwrite)
+    resolve_model(config.model)  # an unknown name fails here, before anything is loaded or written
+
+    # Everything that can fail on the user's input fails before the run folder is touched.
     train_rows, eval_rows = load_feedback(config.data, config.eval_fraction, config.seed)
     ups = sum(e.label for e in train_rows)
-    if config.loss == "bco" and ups in (0, len(train_rows)):
-        raise QbcoError(f"{config.data}: the training data holds only one class; BCO's delta needs both")
+    if config.loss == "bco" and ups in (0, len(train_rows)) and not config.allow_one_class:
+        only = "thumbs-up" if ups else "thumbs-down"
+        raise QbcoError(f"{config.data}: every training row is {only}; BCO's delta needs both classes "
+                        "(--allow-one-class trains anyway)")
+    torch.manual_seed(config.seed)
     tokenizer, model, _ = load_policy(config, device)
     pad_id = tokenizer.pad_token_id
     train_enc = encode_all(train_rows, tokenizer, config.max_prompt_length, config.max_completion_length)
@@ -119,6 +170,12 @@ def train(config: TrainConfig, progress=None, log=print) -> RunResult:
         notes.append(f"truncated: {cut_p} prompts (from the left), {cut_c} completions (from the right)")
     for note in notes:
         log(note)
+
+    if resume is None:
+        if out.exists():
+            shutil.rmtree(out)  # --overwrite was checked above
+        out.mkdir(parents=True)
+        save_config(config, out / "config.yaml")
 
     t0 = time.perf_counter()
     ref_train = reference_logps(model, train_enc, config.batch_size, pad_id, device, config.logprob_chunk)
@@ -138,12 +195,26 @@ def train(config: TrainConfig, progress=None, log=print) -> RunResult:
     )
     shift = RewardShift(config.ema_decay)
     windows = step_windows(len(train_enc), config)
+    start_step, elapsed_before = 0, 0.0
+    if resume is not None:
+        state = load_checkpoint(checkpoint_dirs(out)[-1], model, optimizer, scheduler)
+        start_step, elapsed_before = state["step"], state["elapsed_s"]
+        shift.load_state_dict(state["shift"])
+        for _ in range(start_step):  # the data order is a pure function of (seed, epoch): skip what was done
+            next(windows)
+        keep_metrics(out / "metrics.jsonl", start_step)
+        log(f"resumed {out} at step {start_step} of {total_steps}")
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(out, model, optimizer, scheduler, step, elapsed_before + time.perf_counter() - started,
+                               shift.state_dict(), config.keep)
+
     loss_value, run_tokens = None, 0
     started = time.perf_counter()
-    task = progress.add_task("training", total=total_steps, loss=float("nan"), delta=0.0, tps=0.0) if progress else None
+    task = progress.add_task("training", total=total_steps, completed=start_step, loss=float("nan"), delta=shift.delta, tps=0.0) if progress else None
 
-    with open(out / "metrics.jsonl", "w", encoding="utf-8") as metrics_file:
-        for step in range(1, total_steps + 1):
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics_file, StopSignals(log) as signals:
+        for step in range(start_step + 1, total_steps + 1):
             step_start = time.perf_counter()
             window: list[Batch] = [collate(train_enc, rows, pad_id) for rows in next(windows)]
             labels = torch.cat([b.labels for b in window])
@@ -158,6 +229,16 @@ def train(config: TrainConfig, progress=None, log=print) -> RunResult:
                 step_loss += result.loss.item()
                 rewards.append(result.rewards.cpu())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                kept = checkpoint(step - 1)  # the weights before this step are the last good ones
+                sources = ", ".join(train_enc[i].source for b in window for i in b.index.tolist())
+                raise TrainingStopped(
+                    f"step {step}: the {'loss' if not math.isfinite(step_loss) else 'gradient norm'} is not finite; "
+                    f"stopped and kept the last good state in {kept}. Try a lower --lr (now {config.lr:g}) or check "
+                    f"the rows of this batch: {sources}",
+                    exit_code=3,
+                )
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -181,14 +262,22 @@ def train(config: TrainConfig, progress=None, log=print) -> RunResult:
                 "grad_norm": grad_norm,
                 "tokens": tokens,
                 "tokens_per_s": tokens / seconds,
-                "elapsed_s": time.perf_counter() - started,
+                "elapsed_s": elapsed_before + time.perf_counter() - started,
             }
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             if progress:
                 progress.update(task, advance=1, loss=step_loss, delta=delta, tps=tokens / seconds)
+            if step % config.save_every == 0 or step == total_steps or signals.requested:
+                kept = checkpoint(step)
+            if signals.requested and step < total_steps:
+                raise TrainingStopped(
+                    f"{signals.requested} at step {step} of {total_steps}: checkpoint written to {kept}. "
+                    f"Continue with: qbco train --resume {out}",
+                    exit_code=130,
+                )
 
-        elapsed = time.perf_counter() - started
+        elapsed = elapsed_before + time.perf_counter() - started
         final_delta = shift.delta if config.loss == "bco" else 0.0
         figures: dict = {}
         if eval_enc:
@@ -203,12 +292,21 @@ def train(config: TrainConfig, progress=None, log=print) -> RunResult:
         output=out,
         steps=total_steps,
         elapsed_s=elapsed,
-        tokens_per_s=run_tokens / elapsed if elapsed else 0.0,
+        tokens_per_s=run_tokens / (time.perf_counter() - started) if run_tokens else 0.0,
         final_loss=loss_value,
         peak_memory_mb=peak_memory_mb(device),
         eval=figures,
         notes=notes,
     )
+
+
+def keep_metrics(path: Path, step: int) -> None:
+    """On resume: keep the per-step lines up to the checkpoint's step; later lines are redone."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("split") is None and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def save_adapter(model, tokenizer, folder: Path, shift: RewardShift) -> None:

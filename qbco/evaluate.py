@@ -1,0 +1,194 @@
+"""`qbco eval`: score feedback rows with a finished run (one no-grad pass of the policy, one of the
+reference) and write RUN/eval/: metrics.json, reliability.png and scores.jsonl (one line per row)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from qbco import metrics
+from qbco.data import Example, encode_all, load_feedback, read_rows, rows_to_examples
+from qbco.errors import QbcoError
+from qbco.loss import implicit_rewards
+from qbco.shift import RewardShift
+
+
+def read_pairs(rows: list[dict], origin: str) -> tuple[list[Example], list[tuple[int, int]]]:
+    """prompt / chosen / rejected rows as two examples each (chosen up, rejected down) and their pairs."""
+    flat = []
+    for i, row in enumerate(rows, start=1):
+        missing = [c for c in ("prompt", "chosen", "rejected") if c not in row]
+        if missing:
+            raise QbcoError(f"{origin}: row {i}: missing column(s) {', '.join(missing)} (a pair file has prompt, chosen, rejected)")
+        extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+        flat.append({**extra, "prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        flat.append({**extra, "prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    examples = rows_to_examples(flat, origin)
+    return examples, [(2 * k, 2 * k + 1) for k in range(len(rows))]
+
+
+def eval_examples(config, data: str | None) -> tuple[list[Example], list[tuple[int, int]], str]:
+    """(rows, pairs, what they are). No `data`: the run's held-out part, split as training split it. A file:
+    every row (prompt/completion/label, or prompt/chosen/rejected). A name (demo, registered): its held-out part.
+    Without chosen/rejected columns, pairs are every (up, down) combination of rows sharing a prompt."""
+    if data is None:
+        _, examples = load_feedback(config.data, config.eval_fraction, config.seed)
+        if not examples:
+            raise QbcoError(f"the run held out no rows (eval_fraction {config.eval_fraction}); pass --data FILE")
+        described = f"held-out part of {config.data}"
+    elif Path(data).expanduser().is_file():
+        path = Path(data).expanduser()
+        rows = read_rows(path)
+        if rows and isinstance(rows[0], dict) and {"chosen", "rejected"} <= rows[0].keys() and "label" not in rows[0]:
+            examples, pairs = read_pairs(rows, str(path))
+            return examples, pairs, f"{path} (all rows, chosen/rejected pairs)"
+        examples = rows_to_examples(rows, str(path))
+        described = f"{path} (all rows)"
+    else:
+        _, examples = load_feedback(data, None, config.seed)
+        described = f"held-out part of {data}"
+    return examples, metrics.prompt_pairs([e.prompt_key for e in examples], [e.label for e in examples]), described
+
+
+def run_delta(run_dir: Path, config) -> float:
+    """The delta of p(up) = sigmoid(r - delta): the run's final reward shift for bco, 0 otherwise (bce)."""
+    if config.loss != "bco":
+        return 0.0
+    path = run_dir / "adapter" / "reward_shift.json"
+    if not path.is_file():
+        raise QbcoError(f"{path} is missing: a bco run saves its reward shift there; without it p(up) is unknown")
+    shift = RewardShift()
+    shift.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
+    return shift.delta
+
+
+def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None = None, batch_size: int | None = None, log=print) -> dict:
+    """Score the rows, compute every figure (overall and per slice), write RUN/eval/; returns the report."""
+    from qbco.models import load_run
+    from qbco.plot import reliability_diagram
+    from qbco.train import dataset_logps, reference_logps
+
+    run_dir = Path(run_dir)
+    config, tokenizer, model = load_run(run_dir)
+    delta = run_delta(run_dir, config)
+    examples, pairs, described = eval_examples(config, data)
+    if slice_by is not None and not any(slice_by in e.extra for e in examples):
+        found = sorted({k for e in examples for k in e.extra})
+        raise QbcoError(f"--slice-by {slice_by}: no row has that column (extra columns: {', '.join(found) or 'none'})")
+    encoded = encode_all(examples, tokenizer, config.max_prompt_length, config.max_completion_length)
+    device = next(model.parameters()).device
+    size, pad = batch_size or config.batch_size, tokenizer.pad_token_id
+
+    started = time.perf_counter()
+    policy = dataset_logps(model, encoded, size, pad, device, config.logprob_chunk)
+    reference = reference_logps(model, encoded, size, pad, device, config.logprob_chunk)
+    log(f"scored {len(encoded)} rows with policy and reference in {time.perf_counter() - started:.1f}s")
+
+    labels = torch.tensor([e.label for e in examples])
+    tokens = torch.tensor([len(e.completion_ids) for e in encoded])
+    report = {
+        "run": str(run_dir),
+        "data": described,
+        "loss": config.loss,
+        "beta": config.beta,
+        "delta": delta,
+        "p_up": "sigmoid(r - delta), r = beta * (log pi_theta - log pi_ref) summed over completion tokens",
+        "truncated_completions": sum(e.completion_cut for e in encoded),
+        "overall": metrics.all_figures(policy, reference, labels, tokens, pairs, config.beta, delta),
+        "slices": None,
+    }
+    if slice_by is not None:
+        values = {}
+        for value, idx in metrics.slice_indices([e.extra.get(slice_by) for e in examples]).items():
+            ix = torch.tensor(idx)
+            values[value] = metrics.all_figures(
+                policy[ix], reference[ix], labels[ix], tokens[ix], metrics.subset(idx, pairs), config.beta, delta
+            )
+        report["slices"] = {"column": slice_by, "values": values}
+
+    out = run_dir / "eval"
+    out.mkdir(exist_ok=True)
+    binary = report["overall"]["binary"]
+    reliability_diagram(binary["reliability"], binary["ece"], out / "reliability.png", f"{run_dir.name}: {described}")
+    rewards = implicit_rewards(policy, reference, config.beta)
+    probs = metrics.p_up(rewards, delta).tolist()
+    with open(out / "scores.jsonl", "w", encoding="utf-8") as f:
+        for e, r, p, pol, ref, n in zip(examples, rewards.tolist(), probs, policy.tolist(), reference.tolist(), tokens.tolist()):
+            f.write(json.dumps({"source": e.source, "label": e.label, "reward": r, "p_up": p, "policy_logp": pol,
+                                "reference_logp": ref, "completion_tokens": n}) + "\n")
+    _write_json(out / "metrics.json", report)
+    report["files"] = [str(out / n) for n in ("metrics.json", "reliability.png", "scores.jsonl")]
+    return report
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Written beside and renamed: a reader never sees half a file. NaN is refused (not JSON)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the table `qbco eval` prints
+
+
+def _f(value, digits: int = 3, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _rows(figures: dict) -> list[tuple[str, str]]:
+    b, p, d = figures["binary"], figures["pairs"], figures["drift"]
+    half, best = b["at_0.5"], b["at_best_f1"]
+    rows = [
+        ("rows (thumbs-up share)", f"{b['rows']} ({b['thumbs_up_share']:.0%})"),
+        ("ROC-AUC", _f(b["roc_auc"])),
+        ("PR-AUC (average precision)", _f(b["pr_auc"])),
+        ("accuracy @ p>0.5", _f(half["accuracy"])),
+        ("precision / recall / F1 @ p>0.5", f"{_f(half['precision'])} / {_f(half['recall'])} / {_f(half['f1'])}"),
+        ("F1-best threshold p (r - delta)", f"{_f(best['threshold'])} ({_f(best['reward_margin'], signed=True)})" if best else "-"),
+        ("accuracy @ best", _f(best["accuracy"]) if best else "-"),
+        ("precision / recall / F1 @ best", f"{_f(best['precision'])} / {_f(best['recall'])} / {_f(best['f1'])}" if best else "-"),
+        ("log-loss (BCE of p, nats)", _f(b["log_loss"], 4)),
+        ("Brier score", _f(b["brier"], 4)),
+        ("ECE (10 bins)", _f(b["ece"], 4)),
+        ("BCO loss (per-class means)", _f(b["bco_loss"], 4)),
+    ]
+    if p:
+        rows += [
+            ("pairs", str(p["pairs"])),
+            ("pair reward accuracy", _f(p["reward_accuracy"])),
+            ("pair mean margin r_w - r_l", _f(p["mean_margin"], 4, signed=True)),
+            ("DPO loss / BCE loss on pairs", f"{_f(p['dpo_loss'], 4)} / {_f(p['bce_loss'], 4)}"),
+            ("BCE - DPO (Theorem 1: >= 0)", _f(p["bce_minus_dpo"], 4, signed=True)),
+        ]
+    else:
+        rows.append(("pairs", "none"))
+    rows += [
+        ("log-ratio per token (nats)", _f(d["log_ratio_per_token"], 4, signed=True)),
+        ("log-ratio per sequence (nats)", _f(d["log_ratio_per_sequence"], 4, signed=True)),
+        ("mean reward beta * log-ratio", _f(d["mean_reward"], 4, signed=True)),
+    ]
+    return rows
+
+
+def summary_table(report: dict):
+    """A rich Table: one row per figure, a column for all rows and one per slice value."""
+    from rich.table import Table
+
+    columns = {"all": report["overall"]}
+    if report["slices"]:
+        columns.update({f"{report['slices']['column']}={v}": f for v, f in report["slices"]["values"].items()})
+    table = Table(title=f"qbco eval: {report['run']}\n{report['data']}; {report['loss']}, beta {report['beta']}, delta {report['delta']:+.4f}")
+    table.add_column("figure")
+    for name in columns:
+        table.add_column(name, justify="right")
+    per_column = [_rows(f) for f in columns.values()]
+    names = [name for name, _ in per_column[0]]
+    for name in names:
+        table.add_row(name, *[dict(rows).get(name, "-") for rows in per_column])
+    return table

@@ -1,0 +1,111 @@
+"""PNG figures: a run's training curves (`qbco plot`) and the reliability diagram of `qbco eval`.
+
+matplotlib's object API on the Agg canvas: no pyplot, no display, no global backend state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from qbco.errors import QbcoError
+
+
+def _figure(width: float, height: float):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:  # an optional dependency: training never needs it
+        raise QbcoError("qbco plot and qbco eval draw with matplotlib: pip install 'qbco[eval]'") from None
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def read_steps(run_dir: str | Path) -> tuple[list[dict], dict | None]:
+    """(one record per optimizer step, the eval record or None) of RUN/metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise QbcoError(f"{path} not found: is {run_dir} a qbco run folder?")
+    steps, evaluation = [], None
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise QbcoError(f"{path}: line {n} is not JSON (a run still writing, or a damaged file)") from None
+        if record.get("split") == "eval":
+            evaluation = record
+        else:
+            steps.append(record)
+    if not steps:
+        raise QbcoError(f"{path} holds no training steps yet")
+    return steps, evaluation
+
+
+def _values(steps: list[dict], key: str) -> list[float]:
+    """A column of the step records; a missing or null value (a step without that class) is NaN, a gap."""
+    return [math.nan if s.get(key) is None else float(s[key]) for s in steps]
+
+
+def training_curves(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    """RUN/metrics.png (or `output`): loss, delta, mean reward of the thumbs-up and thumbs-down rows, tokens/s,
+    each against the optimizer step."""
+    run_dir = Path(run_dir)
+    steps, evaluation = read_steps(run_dir)
+    x = [s["step"] for s in steps]
+    fig = _figure(11, 7)
+    axes = fig.subplots(2, 2, sharex=True)
+    panels = [
+        (axes[0, 0], [("loss", "loss", "C0")], "loss (nats)"),
+        (axes[0, 1], [("delta", "delta (reward shift)", "C2")], "delta"),
+        (axes[1, 0], [("reward_up", "thumbs-up", "C0"), ("reward_down", "thumbs-down", "C3")], "mean reward r = beta log(pi/pi_ref)"),
+        (axes[1, 1], [("tokens_per_s", "tokens/s", "C4")], "tokens / s"),
+    ]
+    for ax, series, ylabel in panels:
+        for key, label, color in series:
+            ax.plot(x, _values(steps, key), label=label, color=color, marker="." if len(x) < 50 else None)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+    axes[1, 0].axhline(0, color="grey", lw=0.8)
+    for ax in axes[1]:
+        ax.set_xlabel("optimizer step")
+    title = f"{run_dir.name}: {len(steps)} steps"
+    if evaluation and "eval_reward_accuracy" in evaluation:
+        title += f"; held-out reward accuracy {evaluation['eval_reward_accuracy']:.3f}, loss {evaluation['eval_loss']:.4f}"
+    fig.suptitle(title)
+    out = Path(output) if output else run_dir / "metrics.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+def reliability_diagram(bins: list[dict], ece: float, path: str | Path, title: str) -> Path:
+    """Predicted p(up) (mean per bin) against the observed share of thumbs-up per bin, with the diagonal of
+    perfect calibration, and below it the rows per bin."""
+    fig = _figure(6, 6.5)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
+    full = [b for b in bins if b["rows"]]
+    top.plot([b["mean_p_up"] for b in full], [b["observed_up"] for b in full], marker="o", color="C0", label="qbco")
+    for b in full:  # the gap that ECE weighs, per bin
+        top.plot([b["mean_p_up"]] * 2, [b["mean_p_up"], b["observed_up"]], color="C3", alpha=0.5)
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("observed share of thumbs-up")
+    top.set_title(f"{title}\nECE ({len(bins)} bins) = {ece:.4f}")
+    top.legend(loc="upper left")
+    top.grid(alpha=0.3)
+    width = bins[0]["high"] - bins[0]["low"] if bins else 0.1
+    bottom.bar([b["low"] for b in bins], [b["rows"] for b in bins], width=width, align="edge", color="C0", alpha=0.6, edgecolor="white")
+    bottom.set_xlabel("predicted p(up) = sigmoid(r - delta)")
+    bottom.set_ylabel("rows")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

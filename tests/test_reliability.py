@@ -1,0 +1,229 @@
+"""Reliability: every bad input is one line, exit code 2 and nothing written (docs/errors.md, row by row);
+an interrupted run resumes to exactly the run it would have been; a non-finite loss stops with the last
+good state kept; checkpoints are written whole or not at all."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import separable_rows
+from qbco.checkpoint import checkpoint_dirs
+from qbco.cli import app
+from qbco.config import build_config
+from qbco.train import TrainingStopped, train
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def bad_inputs(tmp: Path, model_dir: Path) -> dict:
+    """Each docs/errors.md row: (extra CLI args, expected fragment of the one-line message)."""
+    good = separable_rows(6)
+    ok = write_jsonl(tmp / "ok.jsonl", good)
+    (tmp / "truncated.json").write_text('[{"prompt": "a", "completion": "b", "label": tr', encoding="utf-8")
+    (tmp / "badline.jsonl").write_text(json.dumps(good[0]) + "\n{\"prompt\": \"x\",\n", encoding="utf-8")
+    (tmp / "latin1.csv").write_bytes("prompt,completion,label\ncaf\xe9,ok,1\n".encode("latin-1"))
+    (tmp / "truncated.parquet").write_bytes(b"PAR1\x00\x00garbage")
+    write_jsonl(tmp / "columns.jsonl", [{"question": "q", "answer": "a", "label": 1}])
+    write_jsonl(tmp / "labels.jsonl", good[:2] + [{"prompt": "p", "completion": "c", "label": "maybe"}])
+    (tmp / "empty.jsonl").write_text("\n", encoding="utf-8")
+    write_jsonl(tmp / "oneclass.jsonl", [r for r in good if r["label"]])
+    write_jsonl(tmp / "emptyprompt.jsonl", good[:2] + [{"prompt": " ", "completion": "c", "label": True}])
+    write_jsonl(tmp / "emptycompletion.jsonl", good[:2] + [{"prompt": "p", "completion": "", "label": False}])
+    write_jsonl(tmp / "oneprompt.jsonl", [{"prompt": "p", "completion": "a", "label": True}, {"prompt": "p", "completion": "b", "label": False}])
+    (tmp / "bad.yaml").write_text("beta: [0.1\n", encoding="utf-8")
+    (tmp / "unknown.yaml").write_text("lora_rank: 8\n", encoding="utf-8")
+    held = tmp / "held"
+    held.mkdir()
+    (held / "config.yaml").write_text("model: x\n")
+    other = tmp / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    m = ["--model", str(model_dir)]
+    return {
+        "missing file": (m + ["--data", str(tmp / "nope.jsonl")], "data file not found"),
+        "truncated json": (m + ["--data", str(tmp / "truncated.json")], "not valid JSON at line 1"),
+        "bad jsonl line": (m + ["--data", str(tmp / "badline.jsonl")], "line 2: not valid JSON"),
+        "not utf-8": (m + ["--data", str(tmp / "latin1.csv")], "not UTF-8 text"),
+        "truncated parquet": (m + ["--data", str(tmp / "truncated.parquet")], "unreadable parquet file"),
+        "unknown columns": (m + ["--data", str(tmp / "columns.jsonl")], "missing column(s) prompt, completion (found: question, answer, label)"),
+        "bad label": (m + ["--data", str(tmp / "labels.jsonl")], "row 3, column label: 'maybe' is not a thumbs-up/down label"),
+        "empty dataset": (m + ["--data", str(tmp / "empty.jsonl")], "no rows"),
+        "empty after split": (m + ["--data", str(tmp / "oneprompt.jsonl"), "--eval-fraction", "0.5"], "no training rows left"),
+        "one class": (m + ["--data", str(tmp / "oneclass.jsonl")], "every training row is thumbs-up"),
+        "empty prompt": (m + ["--data", str(tmp / "emptyprompt.jsonl")], "row 3, column prompt: empty"),
+        "empty completion": (m + ["--data", str(tmp / "emptycompletion.jsonl")], "row 3, column completion: empty"),
+        "invalid yaml": (["--recipe", str(tmp / "bad.yaml")], "not valid YAML at line"),
+        "unknown recipe key": (["--recipe", str(tmp / "unknown.yaml")], "unknown key 'lora_rank'; did you mean 'lora_r'?"),
+        "beta": (m + ["--data", str(ok), "--beta", "-1"], "beta must be > 0"),
+        "lr": (m + ["--data", str(ok), "--lr", "0"], "lr must be > 0"),
+        "lora r": (m + ["--data", str(ok), "--lora-r", "0"], "lora_r must be >= 1"),
+        "length": (m + ["--data", str(ok), "--max-completion-length", "0"], "max_completion_length must be >= 1"),
+        "eval fraction": (m + ["--data", str(ok), "--eval-fraction", "1.5"], "eval_fraction must be in [0, 1)"),
+        "unknown model": (["--model", "lama-3.2-3b", "--data", str(ok)], "unknown model 'lama-3.2-3b'; did you mean llama-3.2-3b"),
+        "output holds a run": (m + ["--data", str(ok), "--output", str(held)], "already holds a run; continue it with --resume"),
+        "output holds other files": (m + ["--data", str(ok), "--output", str(other), "--overwrite"], "holds no qbco run"),
+        "resume without a run": (["--resume", str(other)], "no qbco run there"),
+        "resume with flags": (["--resume", str(held), "--lr", "1"], "drop --lr"),
+    }
+
+
+CASES = [
+    "missing file", "truncated json", "bad jsonl line", "not utf-8", "truncated parquet", "unknown columns", "bad label",
+    "empty dataset", "empty after split", "one class", "empty prompt", "empty completion", "invalid yaml",
+    "unknown recipe key", "beta", "lr", "lora r", "length", "eval fraction", "unknown model", "output holds a run",
+    "output holds other files", "resume without a run", "resume with flags",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tiny_model_dir, case):
+    args, message = bad_inputs(tmp_path, tiny_model_dir)[case]
+    out = tmp_path / "run"
+    if "--output" not in args and "--resume" not in args:
+        args = args + ["--output", str(out)]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = runner.invoke(app, ["train", "--quiet", *args], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert message in text, text
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_every_case_is_in_docs_errors_md():
+    doc = (ROOT / "docs" / "errors.md").read_text()
+    for case in CASES:
+        assert f"| {case} |" in doc, case
+
+
+def test_one_class_trains_when_allowed(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "up.jsonl", [r for r in separable_rows(8) if r["label"]])
+    result = train(build_config(model=str(tiny_model_dir), data=str(data), output=str(tmp_path / "run"), max_steps=2,
+                                batch_size=2, allow_one_class=True, eval_fraction=0.25), log=lambda m: None)
+    assert result.steps == 2
+
+
+def test_not_enough_disk_for_the_model_cache(tmp_path, monkeypatch):
+    import shutil
+
+    import qbco.models as models
+
+    monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    result = runner.invoke(app, ["train", "--quiet", "--output", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "not enough disk for the model cache" in result.output
+    assert not (tmp_path / "run").exists() and not list((tmp_path / "cache").glob("*"))
+
+
+# ------------------------------------------------------------------ interruptions
+
+
+class SignalAt:
+    """A progress sink that sends the process a real SIGINT after step `at` (the loop's handler takes it)."""
+
+    def __init__(self, at):
+        self.at, self.done = at, 0
+
+    def add_task(self, *a, completed=0, **k):
+        self.done = completed
+        return 0
+
+    def update(self, task, advance=0, **k):
+        self.done += advance
+        if self.done == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def settings(tmp_path, data, name, **extra):
+    values = dict(model=None, data=str(data), output=str(tmp_path / name), eval_fraction=0.25, lr=1e-2, beta=0.5,
+                  epochs=3, batch_size=4, save_every=4, max_prompt_length=32, max_completion_length=16, load_in_4bit=True)
+    values.update(extra)
+    return values
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigint_then_resume_equals_a_straight_run(tmp_path, tiny_model_dir, separable_file):
+    common = settings(tmp_path, separable_file, "x", model=str(tiny_model_dir))
+    straight = train(build_config(**{**common, "output": str(tmp_path / "straight")}), log=lambda m: None)
+    cut = build_config(**{**common, "output": str(tmp_path / "cut")})
+    with pytest.raises(TrainingStopped) as stop:
+        train(cut, progress=SignalAt(6), log=lambda m: None)
+    assert stop.value.exit_code == 130 and f"--resume {tmp_path / 'cut'}" in str(stop.value)
+    assert [c.name for c in checkpoint_dirs(tmp_path / "cut")] == ["step-00000004", "step-00000006"]
+    assert len(metrics(tmp_path / "cut")) == 6 and not (tmp_path / "cut" / "adapter").exists()
+    resumed = train(cut, resume=tmp_path / "cut", log=lambda m: None)
+    a, b = metrics(straight.output), metrics(resumed.output)
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        for key in ("loss", "delta", "reward_up", "reward_down", "lr", "grad_norm", "eval_loss", "eval_reward_accuracy"):
+            if x.get(key) is None:
+                assert y.get(key) is None, (x["step"], key)
+            else:
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    wa, wb = load_file(straight.output / "adapter/adapter_model.safetensors"), load_file(resumed.output / "adapter/adapter_model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert len(checkpoint_dirs(resumed.output)) == 2  # --keep 2
+
+
+def test_cli_sigint_prints_the_resume_command_that_finishes_the_run(tmp_path, tiny_model_dir, separable_file):
+    """The issue's check, as a user does it: Ctrl-C a running `qbco train`, run the command it prints."""
+    args = ["train", "--quiet", "--model", str(tiny_model_dir), "--data", str(separable_file), "--eval-fraction", "0.25",
+            "--epochs", "3", "--batch-size", "4", "--lr", "1e-2", "--save-every", "1000", "--no-4bit"]
+    cmd = [sys.executable, "-c", "from qbco.cli import app; app()"]
+    out = tmp_path / "cli"
+    proc = subprocess.Popen(cmd + args + ["--output", str(out)], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (out / "metrics.jsonl").exists() or len(metrics(out)) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    command = re.search(r"qbco train --resume (\S+)", " ".join(err.split()))
+    assert command and Path(command.group(1)) == out
+    stopped_at = len(metrics(out))
+    assert 3 <= stopped_at
+    done = subprocess.run(cmd + ["train", "--quiet", "--resume", command.group(1)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    final = metrics(out)
+    assert final[-1]["split"] == "eval" and [m["step"] for m in final[:-1]] == list(range(1, len(final)))
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path, tiny_model_dir, separable_file):
+    config = build_config(**settings(tmp_path, separable_file, "nan", model=str(tiny_model_dir), lr=1e30, load_in_4bit=False))
+    with pytest.raises(TrainingStopped) as stop:
+        train(config, log=lambda m: None)
+    message = str(stop.value)
+    assert stop.value.exit_code == 3 and "is not finite" in message and "--lr" in message
+    step = int(re.search(r"step (\d+):", message).group(1))
+    assert re.search(r"separable\.jsonl:\d+", message)  # the rows of the batch, by source row
+    (kept,) = checkpoint_dirs(tmp_path / "nan")
+    assert json.loads((kept / "state.json").read_text())["step"] == step - 1
+    weights = load_file(kept / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_torch_load_is_always_weights_only():
+    for path in (ROOT / "qbco").rglob("*.py"):
+        for line in path.read_text().splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path}: {line.strip()}"
