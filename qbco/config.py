@@ -12,7 +12,8 @@ import yaml
 
 from qbco.errors import QbcoError
 
-LOSSES = ("bco", "bce")
+LOSSES = ("bco", "bce", "kto", "dpo")
+BALANCES = ("none", "oversample", "weight")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -23,7 +24,8 @@ class TrainConfig:
     model: str = "smollm2-135m"
     data: str = "demo"
     output: str | None = None  # None: runs/<model>-<data>-<timestamp>
-    loss: str = "bco"  # bco: reward shift delta (Eq. 7); bce: delta fixed at 0
+    loss: str = "bco"  # bco: reward shift delta (Eq. 7); bce: delta fixed at 0; kto; dpo (pairs by prompt)
+    balance: str = "none"  # none | oversample (repeat minority-class rows) | weight (dataset-share class weights)
     beta: float = 0.1
     lr: float = 1e-3
     epochs: float = 1.0
@@ -78,6 +80,11 @@ class TrainConfig:
             (self.keep >= 1, f"keep must be >= 1 (got {self.keep})"),
             (self.logprob_chunk >= 1, f"logprob_chunk must be >= 1 (got {self.logprob_chunk})"),
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)} (got {self.loss!r})"),
+            (self.balance in BALANCES, f"balance must be one of {', '.join(BALANCES)} (got {self.balance!r})"),
+            (
+                self.loss != "dpo" or self.balance == "none",
+                "--balance has no effect with --loss dpo: every pair holds one row of each class",
+            ),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})"),
         ]
         for ok, message in checks:

@@ -20,10 +20,10 @@ import torch
 
 from qbco.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from qbco.config import TrainConfig, load_run_config, save_config
-from qbco.data import Batch, Encoded, collate, encode_all, epoch_order, iter_batches, load_feedback
+from qbco.data import Encoded, collate, encode_all, epoch_order, iter_batches, load_feedback
 from qbco.errors import QbcoError
 from qbco.logprobs import completion_logps
-from qbco.loss import bco_loss, implicit_rewards
+from qbco.loss import bco_loss, dpo_loss, implicit_rewards, kto_loss
 from qbco.models import default_device, load_policy, reference, resolve_model
 from qbco.shift import RewardShift
 
@@ -114,6 +114,30 @@ def held_out_figures(rewards: torch.Tensor, labels: torch.Tensor, delta: float) 
     return {"eval_loss": float(loss), "eval_reward_accuracy": float(correct.float().mean()), "eval_rows": len(labels)}
 
 
+def training_units(config: TrainConfig, rows: list) -> list[tuple[int, ...]]:
+    """What one 'row' of the step order is: a row index, or for dpo a (chosen, rejected) pair of rows that
+    share a prompt (every thumbs-up x thumbs-down combination). --balance oversample repeats randomly drawn
+    minority-class rows until both classes are as many."""
+    import random
+
+    if config.loss == "dpo":
+        groups: dict[str, tuple[list[int], list[int]]] = {}
+        for i, e in enumerate(rows):
+            groups.setdefault(e.prompt_key, ([], []))[0 if e.label else 1].append(i)
+        pairs = [(w, l) for ups, downs in groups.values() for w in ups for l in downs]
+        if not pairs:
+            raise QbcoError(f"{config.data}: --loss dpo needs pairs (rows that share a prompt, one of each label); found none")
+        return pairs
+    units = [(i,) for i in range(len(rows))]
+    if config.balance == "oversample":
+        ups = [u for u in units if rows[u[0]].label]
+        downs = [u for u in units if not rows[u[0]].label]
+        small, big = sorted((ups, downs), key=len)
+        if small:
+            units += random.Random(config.seed).choices(small, k=len(big) - len(small))
+    return units
+
+
 class StopSignals:
     """SIGINT / SIGTERM: the first asks the loop to stop after the current step; a second exits at once."""
 
@@ -159,6 +183,7 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
         only = "thumbs-up" if ups else "thumbs-down"
         raise QbcoError(f"{config.data}: every training row is {only}; BCO's delta needs both classes "
                         "(--allow-one-class trains anyway)")
+    units = training_units(config, train_rows)
     torch.manual_seed(config.seed)
     tokenizer, model, _ = load_policy(config, device)
     pad_id = tokenizer.pad_token_id
@@ -184,7 +209,7 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_enc) / (config.batch_size * config.grad_accum))
+    steps_per_epoch = math.ceil(len(units) / (config.batch_size * config.grad_accum))
     total_steps = math.ceil(config.epochs * steps_per_epoch)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -194,7 +219,12 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
     )
     shift = RewardShift(config.ema_decay)
-    windows = step_windows(len(train_enc), config)
+    windows = step_windows(len(units), config)
+    share_up = ups / len(train_rows)
+    # --balance weight: bco/bce divide each class sum by its expected count in the window (dataset share x
+    # window size) instead of the window's own count; kto weights the minority class up (lambda_D n_D = lambda_U n_U).
+    lambda_d = max(1.0, (1 - share_up) / share_up) if config.balance == "weight" and 0 < share_up else 1.0
+    lambda_u = max(1.0, share_up / (1 - share_up)) if config.balance == "weight" and share_up < 1 else 1.0
     start_step, elapsed_before = 0, 0.0
     if resume is not None:
         state = load_checkpoint(checkpoint_dirs(out)[-1], model, optimizer, scheduler)
@@ -216,23 +246,39 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics_file, StopSignals(log) as signals:
         for step in range(start_step + 1, total_steps + 1):
             step_start = time.perf_counter()
-            window: list[Batch] = [collate(train_enc, rows, pad_id) for rows in next(windows)]
-            labels = torch.cat([b.labels for b in window])
+            window = [[i for part in zip(*(units[u] for u in micro)) for i in part] for micro in next(windows)]
+            # dpo rows are [chosen..., rejected...]; every other loss has one row per unit
+            labels = torch.tensor([train_enc[i].label for rows in window for i in rows])
+            window_rows = len(labels)
             n_up, n_down = int(labels.sum()), int((~labels).sum())
+            if config.balance == "weight":
+                n_up, n_down = window_rows * share_up, window_rows * (1 - share_up)
             delta = shift.delta if config.loss == "bco" else 0.0  # frozen for the whole window
-            step_loss, rewards = 0.0, []
-            for batch in window:
-                b = batch.to(device)
+            step_loss, rewards, kl = 0.0, [], []
+            for rows in window:
+                b = collate(train_enc, rows, pad_id).to(device)
                 policy = completion_logps(model, b.input_ids, b.attention_mask, b.completion_mask, config.logprob_chunk)
-                result = bco_loss(policy, ref_train[batch.index].to(device), b.labels, delta, config.beta, n_up, n_down)
-                result.loss.backward()
-                step_loss += result.loss.item()
+                ref = ref_train[rows].to(device)
+                if config.loss in ("bco", "bce"):
+                    result = bco_loss(policy, ref, b.labels, delta, config.beta, n_up, n_down)
+                    loss = result.loss
+                elif config.loss == "kto":
+                    kl_policy, kl_ref = mismatched_logps(model, train_enc, rows, pad_id, device, config.logprob_chunk)
+                    result = kto_loss(policy, ref, b.labels, kl_policy, kl_ref, config.beta, lambda_d, lambda_u)
+                    loss = result.loss * len(rows) / window_rows  # the batch mean becomes the window's mean
+                    kl.append(float(result.kl))
+                else:  # dpo
+                    p = len(rows) // 2
+                    result = dpo_loss(policy[:p], ref[:p], policy[p:], ref[p:], config.beta)
+                    loss = result.loss * len(rows) / window_rows
+                loss.backward()
+                step_loss += loss.item()
                 rewards.append(result.rewards.cpu())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 kept = checkpoint(step - 1)  # the weights before this step are the last good ones
-                sources = ", ".join(train_enc[i].source for b in window for i in b.index.tolist())
+                sources = ", ".join(train_enc[i].source for rows in window for i in rows)
                 raise TrainingStopped(
                     f"step {step}: the {'loss' if not math.isfinite(step_loss) else 'gradient norm'} is not finite; "
                     f"stopped and kept the last good state in {kept}. Try a lower --lr (now {config.lr:g}) or check "
@@ -247,7 +293,7 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
             if config.loss == "bco":
                 shift.update(rewards_t, labels)
 
-            tokens = sum(b.tokens for b in window)
+            tokens = sum(len(train_enc[i]) for rows in window for i in rows)
             run_tokens += tokens
             seconds = time.perf_counter() - step_start
             loss_value = step_loss
@@ -264,6 +310,8 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
                 "tokens_per_s": tokens / seconds,
                 "elapsed_s": elapsed_before + time.perf_counter() - started,
             }
+            if config.loss == "kto":
+                record["kl"] = sum(kl) / len(kl)  # KTO's z_ref (nats per sequence, clamped at 0)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             if progress:
@@ -298,6 +346,21 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
         eval=figures,
         notes=notes,
     )
+
+
+def mismatched_logps(model, encoded: list[Encoded], rows: list[int], pad_id: int, device, chunk: int):
+    """KTO's KL estimate inputs, without gradients: each prompt of the batch with the next row's completion
+    (as TRL pairs them), under the policy and under the reference."""
+    shifted = [
+        Encoded(encoded[i].prompt_ids, encoded[rows[(k + 1) % len(rows)]].completion_ids, encoded[i].label, False, False)
+        for k, i in enumerate(rows)
+    ]
+    b = collate(shifted, list(range(len(shifted))), pad_id).to(device)
+    with torch.no_grad():
+        policy = completion_logps(model, b.input_ids, b.attention_mask, b.completion_mask, chunk)
+    with reference(model):
+        ref = completion_logps(model, b.input_ids, b.attention_mask, b.completion_mask, chunk)
+    return policy, ref
 
 
 def keep_metrics(path: Path, step: int) -> None:
