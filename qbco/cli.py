@@ -38,7 +38,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
+    import logging
+
     warnings.filterwarnings("ignore", message=".*kernels.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, not the user's concern
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "no `kernels` package": the fallback is correct
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

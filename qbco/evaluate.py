@@ -68,7 +68,8 @@ def run_delta(run_dir: Path, config) -> float:
 
 def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None = None, batch_size: int | None = None, log=print) -> dict:
     """Score the rows, compute every figure (overall and per slice), write RUN/eval/; returns the report."""
-    from qbco.models import load_run
+    from qbco.models import compute_dtype, load_run, resolve_model
+    from qbco.refcache import cache_key
     from qbco.plot import reliability_diagram
     from qbco.train import dataset_logps, reference_logps
 
@@ -85,7 +86,8 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
 
     started = time.perf_counter()
     policy = dataset_logps(model, encoded, size, pad, device, config.logprob_chunk)
-    reference = reference_logps(model, encoded, size, pad, device, config.logprob_chunk)
+    key = cache_key(resolve_model(config.model), config.load_in_4bit, compute_dtype(config.dtype, device), device, encoded)
+    reference = reference_logps(model, encoded, size, pad, device, config.logprob_chunk, key)
     log(f"scored {len(encoded)} rows with policy and reference in {time.perf_counter() - started:.1f}s")
 
     labels = torch.tensor([e.label for e in examples])

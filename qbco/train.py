@@ -24,7 +24,8 @@ from qbco.data import Encoded, collate, encode_all, epoch_order, iter_batches, l
 from qbco.errors import QbcoError
 from qbco.logprobs import completion_logps
 from qbco.loss import bco_loss, dpo_loss, implicit_rewards, kto_loss
-from qbco.models import default_device, load_policy, reference, resolve_model
+from qbco.models import compute_dtype, default_device, load_policy, reference, resolve_model
+from qbco.refcache import cache_key
 from qbco.shift import RewardShift
 
 
@@ -87,10 +88,18 @@ def dataset_logps(model, encoded: list[Encoded], batch_size: int, pad_id: int, d
     return out
 
 
-def reference_logps(model, encoded, batch_size, pad_id, device, chunk) -> torch.Tensor:
-    """One no-grad pass of the reference (adapters disabled) over a dataset; every later step reuses it."""
-    with reference(model):
-        return dataset_logps(model, encoded, batch_size, pad_id, device, chunk)
+def reference_logps(model, encoded, batch_size, pad_id, device, chunk, cache_key: str | None = None) -> torch.Tensor:
+    """One no-grad pass of the reference (adapters disabled) over a dataset; every later step reuses it.
+    With a cache_key (qbco.refcache.cache_key) the result is read from, or written to, the disk cache."""
+    def compute():
+        with reference(model):
+            return dataset_logps(model, encoded, batch_size, pad_id, device, chunk)
+
+    if cache_key is None or not encoded:
+        return compute()
+    from qbco.refcache import cached
+
+    return cached(cache_key, compute)
 
 
 def step_windows(n: int, config: TrainConfig):
@@ -185,7 +194,7 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
                         "(--allow-one-class trains anyway)")
     units = training_units(config, train_rows)
     torch.manual_seed(config.seed)
-    tokenizer, model, _ = load_policy(config, device)
+    tokenizer, model, base_path = load_policy(config, device)
     pad_id = tokenizer.pad_token_id
     train_enc = encode_all(train_rows, tokenizer, config.max_prompt_length, config.max_completion_length)
     eval_enc = encode_all(eval_rows, tokenizer, config.max_prompt_length, config.max_completion_length)
@@ -203,9 +212,13 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
         save_config(config, out / "config.yaml")
 
     t0 = time.perf_counter()
-    ref_train = reference_logps(model, train_enc, config.batch_size, pad_id, device, config.logprob_chunk)
-    ref_eval = reference_logps(model, eval_enc, config.batch_size, pad_id, device, config.logprob_chunk)
-    log(f"reference log-probs: {len(train_enc) + len(eval_enc)} rows in {time.perf_counter() - t0:.1f}s (one pass)")
+    dtype = compute_dtype(config.dtype, device)
+    ref_train, ref_eval = (
+        reference_logps(model, enc, config.batch_size, pad_id, device, config.logprob_chunk,
+                        cache_key(base_path, config.load_in_4bit, dtype, device, enc))
+        for enc in (train_enc, eval_enc)
+    )
+    log(f"reference log-probs: {len(train_enc) + len(eval_enc)} rows in {time.perf_counter() - t0:.1f}s (one pass, cached on disk)")
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

@@ -13,6 +13,21 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def _test_cache() -> None:
+    """Tests write their caches (reference log-probs) into a fresh folder, not the user's; the converted
+    SmolLM2 is linked in from the user's cache when it is there, to convert it only once per machine."""
+    import tempfile
+
+    converted = Path(os.environ.get("QBCO_CACHE", Path.home() / ".cache" / "qbco")).expanduser() / "smollm2-135m-instruct"
+    test_cache = Path(tempfile.mkdtemp(prefix="qbco-test-cache-"))
+    if (converted / "config.json").is_file() and (converted / "model.safetensors").is_file():
+        (test_cache / converted.name).symlink_to(converted, target_is_directory=True)
+    os.environ["QBCO_CACHE"] = str(test_cache)
+
+
+_test_cache()
+
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
 BASE_WORDS = ["user", "assistant", "system", ":", "?", ".", ","]
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"

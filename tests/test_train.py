@@ -64,3 +64,26 @@ def test_bce_keeps_delta_at_zero(tmp_path, tiny_model_dir, separable_file):
     steps, _ = read_metrics(result.output)
     assert all(m["delta"] == 0.0 for m in steps)
     assert json.loads((result.output / "adapter/reward_shift.json").read_text())["mu_up"] == 0.0
+
+
+def test_reference_log_probs_are_cached_and_reused(tmp_path, tiny_model_dir, separable_file, monkeypatch):
+    """A second run on the same base and data reads the reference log-probs from the disk cache (no
+    reference pass at all) and trains exactly as the first; other data gets its own entry."""
+    import qbco.train as loop
+
+    monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))
+    first = run(tmp_path, "first", tiny_model_dir, separable_file, max_steps=3, load_in_4bit=False)
+    entries = sorted((tmp_path / "cache" / "reference").glob("*.safetensors"))
+    assert len(entries) == 2  # the training rows and the held-out rows
+
+    calls = []
+    original = loop.dataset_logps
+    monkeypatch.setattr(loop, "dataset_logps", lambda *a, **k: calls.append(1) or original(*a, **k))
+    second = run(tmp_path, "second", tiny_model_dir, separable_file, max_steps=3, load_in_4bit=False)
+    assert len(calls) == 1  # only the held-out policy pass; both reference passes came from the cache
+    (sa, _), (sb, _) = read_metrics(first.output), read_metrics(second.output)
+    assert [m["loss"] for m in sa] == [m["loss"] for m in sb]
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(line for line in separable_file.read_text().splitlines(keepends=True)[:-3]))
+    run(tmp_path, "third", tiny_model_dir, other, max_steps=1, load_in_4bit=False)
+    assert len(list((tmp_path / "cache" / "reference").glob("*.safetensors"))) > 2

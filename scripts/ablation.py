@@ -1,0 +1,125 @@
+"""The paper's loss ablation, reproduced small: BCO, BCE, KTO and DPO on the demo feedback with one seed and one
+budget, each evaluated with `qbco eval` on the held-out part; writes docs/results.md and docs/ablation.png.
+
+    .venv/bin/python scripts/ablation.py                 # all four, the demo defaults (1 epoch each)
+    .venv/bin/python scripts/ablation.py --losses bco bce --out runs/ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from qbco.config import build_config
+from qbco.evaluate import evaluate
+from qbco.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_steps(run: Path) -> list[dict]:
+    return [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "split" not in m]
+
+
+def fmt(value, digits=3, signed=False):
+    if value is None:
+        return "-"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--losses", nargs="+", default=["bco", "bce", "kto", "dpo"])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / f"ablation-{time.strftime('%Y%m%d-%H%M%S')}")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    args = parser.parse_args()
+
+    rows, curves = [], {}
+    for loss in args.losses:
+        run = args.out / loss
+        started = time.perf_counter()
+        result = train(build_config(loss=loss, output=str(run)), log=lambda m, loss=loss: print(f"[{loss}] {m}", flush=True))
+        seconds = time.perf_counter() - started
+        report = evaluate(run, log=lambda m: None)
+        overall = report["overall"]
+        binary, pairs, drift = overall["binary"], overall["pairs"] or {}, overall["drift"]
+        rows.append({
+            "loss": loss, "steps": result.steps, "seconds": seconds, "roc_auc": binary["roc_auc"],
+            "accuracy": binary["at_0.5"]["accuracy"], "pair_accuracy": pairs.get("reward_accuracy"), "ece": binary["ece"],
+            "drift_token": drift["log_ratio_per_token"], "drift_sequence": drift["log_ratio_per_sequence"],
+            "delta": report["delta"],
+        })
+        curves[loss] = read_steps(run)
+        print(json.dumps(rows[-1]), flush=True)
+
+    plot_curves(curves, args.doc.with_name("ablation.png"))
+    write_doc(rows, args)
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.6))
+    FigureCanvasAgg(fig)
+    ax_delta, ax_kl, ax_reward = fig.subplots(1, 3)
+    for loss, steps in curves.items():
+        x = [m["step"] for m in steps]
+        if loss == "bco":
+            ax_delta.plot(x, [m["delta"] for m in steps], label="bco delta")
+        if loss == "kto":
+            ax_kl.plot(x, [m["kl"] for m in steps], label="kto z_ref")
+        ax_reward.plot(x, [m["reward_up"] if m["reward_up"] is not None else float("nan") for m in steps], label=f"{loss} up")
+        ax_reward.plot(x, [m["reward_down"] if m["reward_down"] is not None else float("nan") for m in steps], "--", label=f"{loss} down")
+    for ax, title in ((ax_delta, "BCO reward shift delta"), (ax_kl, "KTO z_ref (nats per sequence)"), (ax_reward, "batch mean reward r per class")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_doc(rows: list[dict], args) -> None:
+    lines = [
+        "# The loss ablation on the demo feedback",
+        "",
+        "SmolLM2-135M-Instruct in 4-bit NF4 + LoRA r16, the bundled demo (586 training rows, 40% thumbs-up; 149",
+        "held-out rows split by prompt), the demo defaults for every loss (1 epoch, beta 0.1, lr 1e-3, batch 8,",
+        "seed 0); each run evaluated with `qbco eval` on the held-out part. DPO trains on the paired view of the",
+        "same prompts (every thumbs-up x thumbs-down combination of rows that share a prompt).",
+        "",
+        "Reproduce (about 25-40 minutes on a 2-core CPU):",
+        "",
+        f"    .venv/bin/python scripts/ablation.py --losses {' '.join(args.losses)}",
+        "",
+        "| loss | steps | train time | held-out ROC-AUC | accuracy sign(r - delta) | pair reward accuracy | ECE (10 bins) | drift per token | drift per sequence | final delta |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['loss']} | {r['steps']} | {r['seconds']:.0f} s | {fmt(r['roc_auc'])} | {fmt(r['accuracy'])} | "
+            f"{fmt(r['pair_accuracy'])} | {fmt(r['ece'])} | {fmt(r['drift_token'], signed=True)} | "
+            f"{fmt(r['drift_sequence'], 2, signed=True)} | {fmt(r['delta'], signed=True)} |"
+        )
+    lines += [
+        "",
+        "Drift is the mean of log pi_theta - log pi_ref on the held-out completions, in nats per completion token and",
+        "per sequence (negative: the tuned model gives the held-out completions less probability than the reference).",
+        "Accuracy uses the loss's own threshold: delta for bco, 0 for the others. Curves: [ablation.png](ablation.png).",
+        "",
+        "<!-- observations are written by hand below, from the table above -->",
+    ]
+    text = "\n".join(lines) + "\n"
+    if args.doc.exists():
+        old = args.doc.read_text()
+        marker = "<!-- observations are written by hand below, from the table above -->\n"
+        if marker in old:
+            text += old.split(marker, 1)[1]
+    args.doc.write_text(text)
+    print(f"wrote {args.doc}")
+
+
+if __name__ == "__main__":
+    main()
