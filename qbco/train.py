@@ -123,6 +123,19 @@ def held_out_figures(rewards: torch.Tensor, labels: torch.Tensor, delta: float) 
     return {"eval_loss": float(loss), "eval_reward_accuracy": float(correct.float().mean()), "eval_rows": len(labels)}
 
 
+def log_memory_estimate(config: TrainConfig, device, log) -> None:
+    """One line before loading: what the run will need and which flag shrinks what (PITFALLS 11)."""
+    from transformers import AutoConfig
+
+    from qbco.memory import estimate
+
+    try:
+        hf_config = AutoConfig.from_pretrained(resolve_model(config.model), trust_remote_code=config.trust_remote_code)
+        log(estimate(hf_config, config, compute_dtype(config.dtype, device).itemsize).line(config))
+    except (OSError, AttributeError, TypeError):  # no config reachable, or not a llama-style decoder: no estimate
+        pass
+
+
 def training_units(config: TrainConfig, rows: list) -> list[tuple[int, ...]]:
     """What one 'row' of the step order is: a row index, or for dpo a (chosen, rejected) pair of rows that
     share a prompt (every thumbs-up x thumbs-down combination). --balance oversample repeats randomly drawn
@@ -193,6 +206,7 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
         raise QbcoError(f"{config.data}: every training row is {only}; BCO's delta needs both classes "
                         "(--allow-one-class trains anyway)")
     units = training_units(config, train_rows)
+    log_memory_estimate(config, device, log)
     torch.manual_seed(config.seed)
     tokenizer, model, base_path = load_policy(config, device)
     pad_id = tokenizer.pad_token_id

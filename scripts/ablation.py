@@ -3,6 +3,9 @@ budget, each evaluated with `qbco eval` on the held-out part; writes docs/result
 
     .venv/bin/python scripts/ablation.py                 # all four, the demo defaults (1 epoch each)
     .venv/bin/python scripts/ablation.py --losses bco bce --out runs/ablation
+    .venv/bin/python scripts/ablation.py --losses bco bco+oversample bco+weight --doc docs/balance.md
+
+A name `loss+balance` trains that loss with that --balance option.
 """
 
 from __future__ import annotations
@@ -37,24 +40,26 @@ def main() -> None:
     args = parser.parse_args()
 
     rows, curves = [], {}
-    for loss in args.losses:
-        run = args.out / loss
+    for name in args.losses:
+        loss, _, balance = name.partition("+")
+        run = args.out / name
         started = time.perf_counter()
-        result = train(build_config(loss=loss, output=str(run)), log=lambda m, loss=loss: print(f"[{loss}] {m}", flush=True))
+        config = build_config(loss=loss, balance=balance or "none", output=str(run))
+        result = train(config, log=lambda m, name=name: print(f"[{name}] {m}", flush=True))
         seconds = time.perf_counter() - started
         report = evaluate(run, log=lambda m: None)
         overall = report["overall"]
         binary, pairs, drift = overall["binary"], overall["pairs"] or {}, overall["drift"]
         rows.append({
-            "loss": loss, "steps": result.steps, "seconds": seconds, "roc_auc": binary["roc_auc"],
+            "loss": name, "steps": result.steps, "seconds": seconds, "roc_auc": binary["roc_auc"],
             "accuracy": binary["at_0.5"]["accuracy"], "pair_accuracy": pairs.get("reward_accuracy"), "ece": binary["ece"],
             "drift_token": drift["log_ratio_per_token"], "drift_sequence": drift["log_ratio_per_sequence"],
             "delta": report["delta"],
         })
-        curves[loss] = read_steps(run)
+        curves[name] = read_steps(run)
         print(json.dumps(rows[-1]), flush=True)
 
-    plot_curves(curves, args.doc.with_name("ablation.png"))
+    plot_curves(curves, args.doc.with_suffix(".png"))
     write_doc(rows, args)
 
 
@@ -67,10 +72,10 @@ def plot_curves(curves: dict, path: Path) -> None:
     ax_delta, ax_kl, ax_reward = fig.subplots(1, 3)
     for loss, steps in curves.items():
         x = [m["step"] for m in steps]
-        if loss == "bco":
-            ax_delta.plot(x, [m["delta"] for m in steps], label="bco delta")
-        if loss == "kto":
-            ax_kl.plot(x, [m["kl"] for m in steps], label="kto z_ref")
+        if loss.split("+")[0] == "bco":
+            ax_delta.plot(x, [m["delta"] for m in steps], label=f"{loss} delta")
+        if loss.split("+")[0] == "kto":
+            ax_kl.plot(x, [m["kl"] for m in steps], label=f"{loss} z_ref")
         ax_reward.plot(x, [m["reward_up"] if m["reward_up"] is not None else float("nan") for m in steps], label=f"{loss} up")
         ax_reward.plot(x, [m["reward_down"] if m["reward_down"] is not None else float("nan") for m in steps], "--", label=f"{loss} down")
     for ax, title in ((ax_delta, "BCO reward shift delta"), (ax_kl, "KTO z_ref (nats per sequence)"), (ax_reward, "batch mean reward r per class")):
@@ -107,7 +112,7 @@ def write_doc(rows: list[dict], args) -> None:
         "",
         "Drift is the mean of log pi_theta - log pi_ref on the held-out completions, in nats per completion token and",
         "per sequence (negative: the tuned model gives the held-out completions less probability than the reference).",
-        "Accuracy uses the loss's own threshold: delta for bco, 0 for the others. Curves: [ablation.png](ablation.png).",
+        f"Accuracy uses the loss's own threshold: delta for bco, 0 for the others. Curves: [{args.doc.with_suffix('.png').name}]({args.doc.with_suffix('.png').name}).",
         "",
         "<!-- observations are written by hand below, from the table above -->",
     ]
