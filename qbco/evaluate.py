@@ -71,7 +71,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
     from qbco.models import compute_dtype, load_run, resolve_model
     from qbco.refcache import cache_key
     from qbco.plot import reliability_diagram
-    from qbco.train import dataset_logps, reference_logps
+    from qbco.logprobs import dataset_logps, reference_logps
 
     run_dir = Path(run_dir)
     config, tokenizer, model = load_run(run_dir)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from qbco.data import Encoded, iter_batches
+from qbco.models import reference
+
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers CausalLM inside a PeftModel (or the model itself)."""
@@ -50,3 +53,30 @@ def completion_logps(
             parts.append(token_logps(head, hc, tc))
     per_token = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
     return torch.zeros(input_ids.shape[0], device=input_ids.device, dtype=torch.float32).index_add(0, rows, per_token)
+
+
+def dataset_logps(model, encoded: list[Encoded], batch_size: int, pad_id: int, device, chunk: int) -> torch.Tensor:
+    """[N] completion log-probs of every encoded row under `model` as it is now, without gradients."""
+    out = torch.zeros(len(encoded), dtype=torch.float32)
+    was_training = model.training
+    model.eval()  # safe on 4-bit CPU layers: models.disable_cpu_repack keeps them differentiable
+    with torch.no_grad():
+        for batch in iter_batches(encoded, batch_size, pad_id):
+            b = batch.to(device)
+            out[batch.index] = completion_logps(model, b.input_ids, b.attention_mask, b.completion_mask, chunk).cpu()
+    model.train(was_training)
+    return out
+
+
+def reference_logps(model, encoded, batch_size, pad_id, device, chunk, cache_key: str | None = None) -> torch.Tensor:
+    """One no-grad pass of the reference (adapters disabled) over a dataset; every later step reuses it.
+    With a cache_key (qbco.refcache.cache_key) the result is read from, or written to, the disk cache."""
+    def compute():
+        with reference(model):
+            return dataset_logps(model, encoded, batch_size, pad_id, device, chunk)
+
+    if cache_key is None or not encoded:
+        return compute()
+    from qbco.refcache import cached
+
+    return cached(cache_key, compute)

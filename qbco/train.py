@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,12 +18,13 @@ import torch
 
 from qbco.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from qbco.config import TrainConfig, load_run_config, save_config
-from qbco.data import Encoded, collate, encode_all, epoch_order, iter_batches, load_feedback
+from qbco.data import Encoded, collate, encode_all, epoch_order, load_feedback
 from qbco.errors import QbcoError
-from qbco.logprobs import completion_logps
+from qbco.logprobs import completion_logps, dataset_logps, reference_logps
 from qbco.loss import bco_loss, dpo_loss, implicit_rewards, kto_loss
 from qbco.models import compute_dtype, default_device, load_policy, reference, resolve_model
 from qbco.refcache import cache_key
+from qbco.run_folder import check_output, default_output, keep_metrics, save_adapter
 from qbco.shift import RewardShift
 
 
@@ -50,56 +49,11 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
 
-def default_output(config: TrainConfig) -> Path:
-    data = Path(config.data).stem if Path(config.data).suffix else config.data
-    model = Path(config.model).name if Path(config.model).expanduser().is_dir() else config.model.replace("/", "_")
-    return Path("runs") / f"{model}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """A new run goes into a missing or empty folder; one that holds a run needs --overwrite (or --resume)."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    if not out.is_dir():
-        raise QbcoError(f"--output {out} is a file; choose a folder")
-    if not (out / "config.yaml").is_file():
-        raise QbcoError(f"--output {out} is not empty and holds no qbco run; choose another folder")
-    if not overwrite:
-        raise QbcoError(f"--output {out} already holds a run; continue it with --resume {out} or replace it with --overwrite")
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-def dataset_logps(model, encoded: list[Encoded], batch_size: int, pad_id: int, device, chunk: int) -> torch.Tensor:
-    """[N] completion log-probs of every encoded row under `model` as it is now, without gradients."""
-    out = torch.zeros(len(encoded), dtype=torch.float32)
-    was_training = model.training
-    model.eval()  # safe on 4-bit CPU layers: models.disable_cpu_repack keeps them differentiable
-    with torch.no_grad():
-        for batch in iter_batches(encoded, batch_size, pad_id):
-            b = batch.to(device)
-            out[batch.index] = completion_logps(model, b.input_ids, b.attention_mask, b.completion_mask, chunk).cpu()
-    model.train(was_training)
-    return out
-
-
-def reference_logps(model, encoded, batch_size, pad_id, device, chunk, cache_key: str | None = None) -> torch.Tensor:
-    """One no-grad pass of the reference (adapters disabled) over a dataset; every later step reuses it.
-    With a cache_key (qbco.refcache.cache_key) the result is read from, or written to, the disk cache."""
-    def compute():
-        with reference(model):
-            return dataset_logps(model, encoded, batch_size, pad_id, device, chunk)
-
-    if cache_key is None or not encoded:
-        return compute()
-    from qbco.refcache import cached
-
-    return cached(cache_key, compute)
 
 
 def step_windows(n: int, config: TrainConfig):
@@ -388,26 +342,3 @@ def mismatched_logps(model, encoded: list[Encoded], rows: list[int], pad_id: int
     with reference(model):
         ref = completion_logps(model, b.input_ids, b.attention_mask, b.completion_mask, chunk)
     return policy, ref
-
-
-def keep_metrics(path: Path, step: int) -> None:
-    """On resume: keep the per-step lines up to the checkpoint's step; later lines are redone."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("split") is None and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def save_adapter(model, tokenizer, folder: Path, shift: RewardShift) -> None:
-    """adapter/ written into a temporary folder and renamed: never half a folder that looks finished."""
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "reward_shift.json").write_text(json.dumps(shift.state_dict()), encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,6 @@ import math
 
 import pytest
 
-from conftest import separable_rows
 from qbco.config import build_config
 from qbco.data import epoch_order, load_feedback
 from qbco.errors import QbcoError

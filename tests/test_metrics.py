@@ -7,7 +7,6 @@ Notation: s(x) = sigmoid(x); l(x) = -log s(x) = log(1 + e^-x).
 
 import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -9,7 +9,7 @@ import torch
 from qbco.data import Encoded
 from qbco.logprobs import completion_logps
 from qbco.models import attach_lora, load_base
-from qbco.train import dataset_logps
+from qbco.logprobs import dataset_logps
 
 CPU = torch.device("cpu")
 

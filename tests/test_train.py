@@ -4,7 +4,6 @@ are what the issue says, and gradient accumulation does not change the update.""
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from qbco.config import build_config
