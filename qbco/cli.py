@@ -252,13 +252,14 @@ def merge(
     table = Table(title=f"qbco merge: {result.output}", show_header=False)
     table.add_row("merged into", f"{result.base} base weights, {result.dtype}")
     fid = result.fidelity
-    table.add_row("vs trained model (4-bit + adapter)",
-                  f"mean |delta log p| {fid.mean_abs:.2e} nats/token, max {fid.max_abs:.2e} ({fid.tokens} tokens, {fid.rows} held-out rows)")
+    table.add_row("vs the trained model (run as trained)",
+                  f"mean |delta log p| {fid.mean_abs:.3g} nats/token, max {fid.max_abs:.3g} ({fid.tokens} tokens, {fid.rows} held-out rows)")
     check = result.verification
     if check:
-        table.add_row("verify: logits vs base + adapter",
-                      f"max |diff| {check.max_abs:.2e}, mean {check.mean_abs:.2e} (tolerance {check.tolerance:g}): [green]passed[/]")
-        table.add_row("adapter's own effect on logits", f"mean {check.adapter_effect:.2e}")
+        table.add_row("verify: logits of OUTPUT vs base + adapter",
+                      f"max |diff| {check.max_abs:.3g} (limit {check.max_limit:.3g}), mean {check.mean_abs:.3g} "
+                      f"(limit {check.mean_limit:.3g}): [green]passed[/]")
+        table.add_row("adapter's own effect on logits", f"mean {check.adapter_effect:.3g}")
     else:
         table.add_row("verify", "skipped (--no-verify)")
     Console().print(table)

@@ -1,0 +1,159 @@
+"""Generate answers from a run (4-bit base + adapter, as trained) or a merged folder, and optionally from
+its base, so the effect of training can be read side by side."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qbco.errors import QbcoError
+from qbco.models import compute_dtype, default_device, load_base, load_run, load_tokenizer, resolve_model
+
+
+@dataclass
+class Sampling:
+    """temperature 0 is greedy decoding; otherwise sampling with nucleus top_p (no top-k cut)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> "Sampling":
+        if self.max_new_tokens < 1:
+            raise QbcoError(f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise QbcoError(f"--temperature must be >= 0 (got {self.temperature}); 0 is greedy")
+        if not 0 < self.top_p <= 1:
+            raise QbcoError(f"--top-p must be in (0, 1] (got {self.top_p})")
+        return self
+
+    def describe(self) -> str:
+        if self.temperature == 0:
+            return f"greedy, up to {self.max_new_tokens} new tokens"
+        return f"sampled: temperature {self.temperature:g}, top-p {self.top_p:g}, seed {self.seed}, up to {self.max_new_tokens} new tokens"
+
+
+@dataclass
+class Answer:
+    prompt: str | list[dict[str, str]]
+    tuned: str
+    base: str | None = None
+
+
+def is_run(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "adapter" / "adapter_config.json").is_file()
+
+
+def read_prompts(prompts: list[str] | None, data: str | None, limit: int) -> list:
+    """--prompt texts as given, or the first `limit` distinct prompts of --data ('demo': its held-out part,
+    or a .jsonl/.json/.csv/.parquet file with a prompt column)."""
+    from qbco.data import read_demo, read_rows
+
+    if prompts and data:
+        raise QbcoError("give --prompt or --data, not both")
+    if prompts:
+        return list(prompts)
+    if not data:
+        raise QbcoError("nothing to answer: give --prompt TEXT or --data FILE")
+    if data == "demo":
+        column = [e.prompt for e in read_demo()[1]]
+    else:
+        rows = read_rows(Path(data).expanduser())
+        if not rows or "prompt" not in rows[0]:
+            found = ", ".join(map(str, rows[0].keys())) if rows else "no rows"
+            raise QbcoError(f"{data}: needs a prompt column (found: {found})")
+        column = [r.get("prompt") for r in rows]
+    seen, out = set(), []
+    for prompt in column:
+        key = json.dumps(prompt, sort_keys=True)
+        if prompt and key not in seen:
+            seen.add(key)
+            out.append(prompt)
+    return out[:limit]
+
+
+def load_models(target: str | Path, compare: bool, device):
+    """(tokenizer, tuned model, base model or None, what was loaded). A run is loaded as it was trained and
+    its base is the same model with adapters off (base None); a merged folder's base is read from the
+    qbco_merge.json that `qbco merge` writes and loaded in float."""
+    from transformers import AutoModelForCausalLM
+
+    from qbco.merge import MERGE_INFO
+
+    path = Path(target).expanduser()
+    if is_run(path):
+        config, tokenizer, model = load_run(path, device)
+        kind = f"run: {'4-bit' if config.load_in_4bit else 'float'} base + adapter"
+        return tokenizer, model, None, kind + ("; base: adapters off" if compare else "")
+    if not (path / "config.json").is_file():
+        raise QbcoError(f"{target} is neither a qbco run (config.yaml + adapter/) nor a model folder (config.json)")
+    dtype = compute_dtype("auto", device)  # fp32 on a CPU, where bf16 matmul is slow; bf16 weights load exactly
+    info = path / MERGE_INFO
+    meta = json.loads(info.read_text(encoding="utf-8")) if info.is_file() else {}
+    remote = bool(meta.get("trust_remote_code", False))
+    tokenizer = load_tokenizer(str(path), remote)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=remote)
+    except OSError as err:
+        raise QbcoError(f"cannot load the model in {target}: {err}") from None
+    model.to(device).eval()
+    base = None
+    if compare:
+        if not meta:
+            raise QbcoError(f"{target} has no {MERGE_INFO}, so its base is unknown; --compare needs a qbco run or a folder written by qbco merge")
+        base = load_base(resolve_model(meta["model"]), False, dtype, device, remote)
+        base.eval()
+        return tokenizer, model, base, f"merged folder; base: {meta['model']}, original weights"
+    return tokenizer, model, base, "merged folder"
+
+
+@torch.no_grad()
+def complete(model, tokenizer, prompt, sampling: Sampling, device) -> str:
+    """One answer, formatted as in training (the chat template when the tokenizer has one)."""
+    from qbco.data import prompt_text
+
+    text, templated = prompt_text(prompt, tokenizer)
+    inputs = tokenizer(text, add_special_tokens=not templated, return_tensors="pt").to(device)
+    options = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+               "eos_token_id": tokenizer.eos_token_id, "use_cache": True}
+    if sampling.temperature > 0:
+        options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    else:
+        options.update(do_sample=False)
+    # The same seed before every answer: base and tuned draw the same random numbers, so a difference
+    # in their answers comes from the weights, not from the draw.
+    torch.manual_seed(sampling.seed)
+    out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **options)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def generate(target: str | Path, prompts: list, sampling: Sampling, compare: bool = False,
+             device: torch.device | None = None) -> tuple[list[Answer], str]:
+    """Answers of `target` (and of its base with `compare`) to every prompt; also what was loaded."""
+    sampling.validate()
+    if not prompts:
+        raise QbcoError("no prompts to answer")
+    device = device or default_device()
+    tokenizer, model, base, kind = load_models(target, compare, device)
+    answers = []
+    for prompt in prompts:
+        answer = Answer(prompt, complete(model, tokenizer, prompt, sampling, device))
+        if compare and base is None:  # a run: its base is the same model with the adapters off
+            with model.disable_adapter():
+                answer.base = complete(model, tokenizer, prompt, sampling, device)
+        elif compare:
+            answer.base = complete(base, tokenizer, prompt, sampling, device)
+        answers.append(answer)
+    return answers, kind
+
+
+def prompt_label(prompt) -> str:
+    """A prompt as one line of text for a table: a chat prompt shows its last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else prompt[-1]["content"]

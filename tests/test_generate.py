@@ -1,0 +1,121 @@
+"""qbco generate on a tiny random llama trained a few steps: a run and its merged folder give the same
+greedy answers, --compare's base answers are those of the untrained base, sampling is reproducible with a
+seed, and the CLI prints base and tuned answers side by side."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import separable_rows
+from qbco import generate as gen
+from qbco.cli import app
+from qbco.config import build_config
+from qbco.errors import QbcoError
+from qbco.merge import merge
+from qbco.models import load_base, load_tokenizer
+from qbco.train import train
+
+CPU = torch.device("cpu")
+PROMPTS = ["question q3 ?", "question q17 ?", [{"role": "user", "content": "question q41 ?"}]]
+SHORT = gen.Sampling(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a shared 2-core machine idle OpenMP threads spin:
+    one thread runs this module several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tiny_model_dir):
+    """(run, merged folder): 4 steps of BCO on a 4-bit base, merged in fp32 into the dequantized base."""
+    folder = tmp_path_factory.mktemp("generate")
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(40)), encoding="utf-8")
+    config = build_config(model=str(tiny_model_dir), data=str(data), output=str(folder / "run"), eval_fraction=0.25,
+                          lr=1e-2, beta=0.5, max_steps=4, batch_size=8, max_prompt_length=32, max_completion_length=16)
+    run = train(config, log=lambda message: None).output
+    merged = merge(run, folder / "merged", dtype="fp32", verify_output=False, device=CPU, log=lambda message: None).output
+    return run, merged
+
+
+def test_run_and_merged_folder_give_the_same_greedy_answers(folders):
+    run, merged = folders
+    from_run, kind_run = gen.generate(run, PROMPTS, SHORT, device=CPU)
+    from_merged, kind_merged = gen.generate(merged, PROMPTS, SHORT, device=CPU)
+    assert kind_run.startswith("run: 4-bit base + adapter") and kind_merged == "merged folder"
+    assert [a.tuned for a in from_run] == [a.tuned for a in from_merged]
+    assert all(a.tuned and a.base is None for a in from_run)
+
+
+def test_compare_shows_the_untrained_base(folders, tiny_model_dir):
+    run, merged = folders
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    answers, _ = gen.generate(run, PROMPTS, SHORT, compare=True, device=CPU)
+    # A run's base is its 4-bit base with the adapters off; a merged folder's is the original float base.
+    base4 = load_base(str(tiny_model_dir), True, torch.float32, CPU).eval()
+    assert [a.base for a in answers] == [gen.complete(base4, tokenizer, p, SHORT, CPU) for p in PROMPTS]
+    assert any(a.base != a.tuned for a in answers)  # training changed what the model says
+    merged_answers, _ = gen.generate(merged, PROMPTS, SHORT, compare=True, device=CPU)
+    float_base = load_base(str(tiny_model_dir), False, torch.float32, CPU).eval()
+    assert [a.base for a in merged_answers] == [gen.complete(float_base, tokenizer, p, SHORT, CPU) for p in PROMPTS]
+    assert [a.tuned for a in merged_answers] == [a.tuned for a in answers]
+
+
+def test_sampling_is_reproducible_with_a_seed(folders):
+    run, _ = folders
+    hot = dict(max_new_tokens=8, temperature=1.5, top_p=0.95)
+    first, _ = gen.generate(run, PROMPTS, gen.Sampling(seed=1, **hot), device=CPU)
+    again, _ = gen.generate(run, PROMPTS, gen.Sampling(seed=1, **hot), device=CPU)
+    other, _ = gen.generate(run, PROMPTS, gen.Sampling(seed=2, **hot), device=CPU)
+    assert [a.tuned for a in first] == [a.tuned for a in again]
+    assert [a.tuned for a in first] != [a.tuned for a in other]
+
+
+def test_read_prompts(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "a ?", "completion": "x"}, {"prompt": "a ?", "completion": "y"}, {"prompt": "b ?"}, {"prompt": "c ?"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert gen.read_prompts(None, str(path), limit=2) == ["a ?", "b ?"]
+    assert gen.read_prompts(["hi"], None, limit=5) == ["hi"]
+    assert 0 < len(gen.read_prompts(None, "demo", limit=3)) <= 3
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "a"}) + "\n")
+    with pytest.raises(QbcoError, match="prompt column"):
+        gen.read_prompts(None, str(tmp_path / "bad.jsonl"), limit=2)
+    with pytest.raises(QbcoError, match="--prompt TEXT or --data FILE"):
+        gen.read_prompts(None, None, limit=2)
+    with pytest.raises(QbcoError, match="--top-p"):
+        gen.Sampling(top_p=0).validate()
+
+
+def test_cli_compare_prints_base_and_tuned_side_by_side(folders, tmp_path, tiny_model_dir):
+    run, merged = folders
+    runner = CliRunner()
+    answers, _ = gen.generate(run, ["question q3 ?"], SHORT, compare=True, device=CPU)
+    result = runner.invoke(app, ["generate", str(run), "--prompt", "question q3 ?", "--compare", "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if "prompt" in line)
+    assert "base" in header and "tuned" in header
+    flat = " ".join(result.output.split())
+    assert answers[0].tuned.split()[0] in flat and "greedy" in flat
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question q{k} ?"}) + "\n" for k in range(5)))
+    result = runner.invoke(app, ["generate", str(merged), "--data", str(data), "--limit", "2", "--max-new-tokens", "4",
+                                 "--temperature", "0.8", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert "question q1 ?" in result.output and "question q2 ?" not in result.output and "answer" in result.output
+
+    for args, message in (
+        ([str(run)], "--prompt TEXT or --data FILE"),
+        ([str(tiny_model_dir), "--prompt", "hi", "--compare"], "its base is unknown"),
+        ([str(tmp_path), "--prompt", "hi"], "neither a qbco run"),
+    ):
+        result = runner.invoke(app, ["generate", *args])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
