@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from qbco.run_folder import readable
+
 PREFIX = "step-"
 
 
@@ -43,6 +45,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, elaps
         torch.save(state, tmp / "state.pt")
         # state.json last: its presence marks the checkpoint complete.
         (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed_s, "shift": shift_state}))
+        readable(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

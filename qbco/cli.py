@@ -10,7 +10,14 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from qbco.errors import QbcoError
@@ -36,9 +43,8 @@ def user_errors():
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
     import logging
+    import warnings
 
     warnings.filterwarnings("ignore", message=".*kernels.*")
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, not the user's concern
@@ -125,7 +131,8 @@ def train(
             trust_remote_code=trust_remote_code,
         )
         _quiet_libraries()
-        from qbco.train import TrainingStopped, train as run_training
+        from qbco.train import TrainingStopped
+        from qbco.train import train as run_training
 
         try:
             result = _run(run_training, config, quiet, resume, overwrite)
@@ -280,7 +287,8 @@ def generate(
     """Answer prompts with a tuned model, and with --compare its base too, side by side."""
     with user_errors():
         _quiet_libraries()
-        from qbco.generate import Sampling, generate as run_generate, prompt_label, read_prompts
+        from qbco.generate import Sampling, prompt_label, read_prompts
+        from qbco.generate import generate as run_generate
 
         prompts = read_prompts(prompt, data, limit)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

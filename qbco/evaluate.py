@@ -68,10 +68,10 @@ def run_delta(run_dir: Path, config) -> float:
 
 def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None = None, batch_size: int | None = None, log=print) -> dict:
     """Score the rows, compute every figure (overall and per slice), write RUN/eval/; returns the report."""
-    from qbco.models import compute_dtype, load_run, resolve_model
-    from qbco.refcache import cache_key
-    from qbco.plot import reliability_diagram
     from qbco.logprobs import dataset_logps, reference_logps
+    from qbco.models import compute_dtype, load_run, resolve_model
+    from qbco.plot import reliability_diagram
+    from qbco.refcache import cache_key
 
     run_dir = Path(run_dir)
     config, tokenizer, model = load_run(run_dir)

@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 
 from qbco.errors import QbcoError
-from qbco.models import compute_dtype, default_device, load_base, load_run, load_tokenizer, resolve_model
+from qbco.models import (
+    compute_dtype,
+    default_device,
+    load_base,
+    load_run,
+    load_tokenizer,
+    resolve_model,
+)
 
 
 @dataclass

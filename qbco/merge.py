@@ -23,8 +23,15 @@ from qbco.data import Encoded, encode_all, load_feedback, read_demo
 from qbco.errors import QbcoError
 from qbco.logprobs import causal_lm, token_logps
 from qbco.models import (
-    EXCLUDED_TARGETS, MODEL_ALIASES, compute_dtype, default_device, load_base, load_run, resolve_model,
+    EXCLUDED_TARGETS,
+    MODEL_ALIASES,
+    compute_dtype,
+    default_device,
+    load_base,
+    load_run,
+    resolve_model,
 )
+from qbco.run_folder import readable
 
 BASES = ("dequantized", "original")
 DEFAULT_BASE = "dequantized"  # measured closer to the trained model: docs/merge.md
@@ -273,16 +280,6 @@ def verify(folder: Path, rows: list[Encoded], reference: list[torch.Tensor], dty
     scale_mean = sum(float(r.abs().sum()) for r in reference) / sum(r.numel() for r in reference)
     rtol = RTOL[dtype]
     return Verification(max_abs, mean_abs, rtol * scale_max, rtol * scale_mean, rtol, adapter_effect, len(rows), positions)
-
-
-def readable(folder: Path) -> None:
-    """Ordinary permissions (umask applied): mkdtemp makes the folder 0700 and safetensors writes 0600,
-    which would keep a model meant for sharing private to its writer."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def read_metrics(run_dir: Path) -> tuple[dict | None, dict | None]:

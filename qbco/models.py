@@ -72,6 +72,9 @@ def smollm2_folder() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model
+        from qbco.run_folder import readable
+
+        readable(tmp)
         if target.exists():  # a half conversion from an interrupted run: nothing in it is trusted
             shutil.rmtree(target)
         os.replace(tmp, target)

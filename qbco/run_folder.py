@@ -48,8 +48,19 @@ def save_adapter(model, tokenizer, folder: Path, shift: RewardShift) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "reward_shift.json").write_text(json.dumps(shift.state_dict()), encoding="utf-8")
+        readable(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def readable(folder: Path) -> None:
+    """Ordinary permissions (umask applied): mkdtemp makes the folder 0700 and safetensors writes 0600,
+    which would keep a model meant for sharing private to its writer."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

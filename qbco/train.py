@@ -22,7 +22,13 @@ from qbco.data import Encoded, collate, encode_all, epoch_order, load_feedback
 from qbco.errors import QbcoError
 from qbco.logprobs import completion_logps, dataset_logps, reference_logps
 from qbco.loss import bco_loss, dpo_loss, implicit_rewards, kto_loss
-from qbco.models import compute_dtype, default_device, load_policy, reference, resolve_model
+from qbco.models import (
+    compute_dtype,
+    default_device,
+    load_policy,
+    reference,
+    resolve_model,
+)
 from qbco.refcache import cache_key
 from qbco.run_folder import check_output, default_output, keep_metrics, save_adapter
 from qbco.shift import RewardShift

@@ -2,6 +2,7 @@
 are what the issue says, and gradient accumulation does not change the update."""
 
 import json
+import os
 
 import pytest
 from safetensors.torch import load_file
@@ -41,6 +42,11 @@ def test_tiny_llama_learns_separable_feedback(tmp_path, tiny_model_dir, separabl
     assert sum(not r["label"] for r in rows) / len(rows) < 0.65
     for name in ("config.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/reward_shift.json"):
         assert (result.output / name).is_file(), name
+    # written through a private temporary folder, but published with ordinary permissions (umask applied)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (result.output / "adapter").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (result.output / "adapter/adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_accumulation_gives_the_same_update_as_one_big_batch(tmp_path, tiny_model_dir, separable_file):
