@@ -267,10 +267,13 @@ def collate(encoded: list[Encoded], index: list[int], pad_id: int) -> Batch:
 def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Batches of row indices for one epoch, shuffled with (seed, epoch): a pure function of both, so a
     resumed run sees the same order. Not grouped by length: on feedback data length tracks the label
-    (refusals are short, rude replies long) and length-sorted batches become one-class batches."""
+    (refusals are short, rude replies long) and length-sorted batches become one-class batches.
+    A last partial batch is dropped (its per-class means would rest on a row or two); the shuffle differs
+    every epoch, so no row is left out for good. Fewer rows than one batch make one batch."""
     order = list(range(n))
     random.Random(seed * 100_003 + epoch).shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    full = max(1, n // batch_size) * batch_size
+    return [order[i : i + batch_size] for i in range(0, min(n, full), batch_size)]
 
 
 def iter_batches(encoded: list[Encoded], batch_size: int, pad_id: int) -> Iterator[Batch]:

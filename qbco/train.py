@@ -196,7 +196,7 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(units) / (config.batch_size * config.grad_accum))
+    steps_per_epoch = max(1, len(units) // (config.batch_size * config.grad_accum))  # partial windows dropped
     total_steps = math.ceil(config.epochs * steps_per_epoch)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)

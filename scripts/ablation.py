@@ -43,20 +43,20 @@ def main() -> None:
     for name in args.losses:
         loss, _, balance = name.partition("+")
         run = args.out / name
-        started = time.perf_counter()
-        config = build_config(loss=loss, balance=balance or "none", output=str(run))
-        result = train(config, log=lambda m, name=name: print(f"[{name}] {m}", flush=True))
-        seconds = time.perf_counter() - started
+        if not (run / "adapter").is_dir():  # a finished run (say, completed with `qbco train --resume`) is kept
+            config = build_config(loss=loss, balance=balance or "none", output=str(run))
+            train(config, log=lambda m, name=name: print(f"[{name}] {m}", flush=True))
+        steps = read_steps(run)
         report = evaluate(run, log=lambda m: None)
         overall = report["overall"]
         binary, pairs, drift = overall["binary"], overall["pairs"] or {}, overall["drift"]
         rows.append({
-            "loss": name, "steps": result.steps, "seconds": seconds, "roc_auc": binary["roc_auc"],
+            "loss": name, "steps": len(steps), "seconds": steps[-1]["elapsed_s"], "roc_auc": binary["roc_auc"],
             "accuracy": binary["at_0.5"]["accuracy"], "pair_accuracy": pairs.get("reward_accuracy"), "ece": binary["ece"],
             "drift_token": drift["log_ratio_per_token"], "drift_sequence": drift["log_ratio_per_sequence"],
             "delta": report["delta"],
         })
-        curves[name] = read_steps(run)
+        curves[name] = steps
         print(json.dumps(rows[-1]), flush=True)
 
     plot_curves(curves, args.doc.with_suffix(".png"))
