@@ -83,7 +83,7 @@ def train(
     loss: Optional[str] = typer.Option(None, help="bco (reward shift delta, Eq. 7), bce (delta fixed at 0), kto (Ethayarajh et al. 2024) or dpo (pairs of rows sharing a prompt). (default: bco)"),
     balance: Optional[str] = typer.Option(None, help="Class imbalance: none (BCO's per-class means already weigh both classes equally), oversample (repeat minority-class rows, as the paper did for HelpSteer2) or weight (class weights from the dataset's shares; see docs/data.md). (default: none)"),
     beta: Optional[float] = typer.Option(None, help="Reward scale beta in r = beta * log(pi/pi_ref). (default: 0.1)"),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the LoRA weights (AdamW). (default: 1e-3)"),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the LoRA weights (AdamW). (default: 3e-4)"),
     epochs: Optional[float] = typer.Option(None, help="Passes over the training rows (fractions allowed). (default: 1)"),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps. (default: all epochs)"),
     batch_size: Optional[int] = typer.Option(None, help="Rows per micro-batch. (default: 8)"),

@@ -27,7 +27,7 @@ class TrainConfig:
     loss: str = "bco"  # bco: reward shift delta (Eq. 7); bce: delta fixed at 0; kto; dpo (pairs by prompt)
     balance: str = "none"  # none | oversample (repeat minority-class rows) | weight (dataset-share class weights)
     beta: float = 0.1
-    lr: float = 1e-3
+    lr: float = 3e-4
     epochs: float = 1.0
     max_steps: int | None = None  # caps the number of optimizer steps; None: run all epochs
     batch_size: int = 8

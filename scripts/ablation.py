@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=["bco", "bce", "kto", "dpo"])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / f"ablation-{time.strftime('%Y%m%d-%H%M%S')}")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--lr", type=float, default=1e-3, help="one learning rate for every loss (docs/results.md: 1e-3)")
     args = parser.parse_args()
 
     rows, curves = [], {}
@@ -44,7 +45,7 @@ def main() -> None:
         loss, _, balance = name.partition("+")
         run = args.out / name
         if not (run / "adapter").is_dir():  # a finished run (say, completed with `qbco train --resume`) is kept
-            config = build_config(loss=loss, balance=balance or "none", output=str(run))
+            config = build_config(loss=loss, balance=balance or "none", lr=args.lr, output=str(run))
             train(config, log=lambda m, name=name: print(f"[{name}] {m}", flush=True))
         steps = read_steps(run)
         report = evaluate(run, log=lambda m: None)
@@ -91,13 +92,13 @@ def write_doc(rows: list[dict], args) -> None:
         "# The loss ablation on the demo feedback",
         "",
         "SmolLM2-135M-Instruct in 4-bit NF4 + LoRA r16, the bundled demo (586 training rows, 40% thumbs-up; 149",
-        "held-out rows split by prompt), the demo defaults for every loss (1 epoch, beta 0.1, lr 1e-3, batch 8,",
+        f"held-out rows split by prompt), the demo settings for every loss (1 epoch, beta 0.1, lr {args.lr:g}, batch 8,",
         "seed 0); each run evaluated with `qbco eval` on the held-out part. DPO trains on the paired view of the",
         "same prompts (every thumbs-up x thumbs-down combination of rows that share a prompt).",
         "",
         "Reproduce (about 25-40 minutes on a 2-core CPU):",
         "",
-        f"    .venv/bin/python scripts/ablation.py --losses {' '.join(args.losses)}",
+        f"    .venv/bin/python scripts/ablation.py --losses {' '.join(args.losses)} --lr {args.lr:g} --doc {args.doc.relative_to(ROOT) if args.doc.is_relative_to(ROOT) else args.doc}",
         "",
         "| loss | steps | train time | held-out ROC-AUC | accuracy sign(r - delta) | pair reward accuracy | ECE (10 bins) | drift per token | drift per sequence | final delta |",
         "|---|---|---|---|---|---|---|---|---|---|",
