@@ -1,0 +1,263 @@
+"""The benchmark driver: qbco against TRL's BCOTrainer on the same work, each configuration in a process of its
+own, alternating qbco / TRL default / TRL with precomputed reference log-probs for R repetitions; then the
+scaling table. Writes bench/out/results.json (after every process, so a cut run keeps what it measured) and
+prints markdown tables. Run from the repository root with the qbco venv (see bench/README.md):
+
+  .venv/bin/python bench/bench.py                 # W1 + scaling, the figures in docs/performance.md
+  .venv/bin/python bench/bench.py --tiny --reps 1 --w1-steps 2   # proves the harness in a few minutes
+  .venv/bin/python bench/bench.py --report        # the tables again, from results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+THREADS = 1  # torch threads per process (--threads)
+EXTRA_ENV: dict[str, str] = {}  # --ld-preload
+OUT = ROOT / "bench" / "out"
+QBCO_PY = ROOT / ".venv" / "bin" / "python"
+TRL_PY = ROOT / "bench" / ".venv-trl" / "bin" / "python"
+SMOLLM2 = Path(os.environ.get("QBCO_CACHE", Path.home() / ".cache" / "qbco")).expanduser() / "smollm2-135m-instruct"
+TOOLS = {  # name: (python, script, extra flags)
+    "qbco": (QBCO_PY, "run_qbco.py", []),
+    "trl-default": (TRL_PY, "run_trl.py", []),
+    "trl-precompute": (TRL_PY, "run_trl.py", ["--precompute"]),
+}
+# The scaling table: model, batch size, tools. SmolLM2 runs batch 1 to keep 2,048-token steps affordable on a CPU.
+SCALE = "qwenvocab:2:qbco+qbco-chunk256+trl-default,smollm2:1:qbco+trl-default"
+EXTRA_TOOLS = {  # measured in the scaling table only: qbco with a smaller LM-head chunk than its default
+    "qbco-chunk256": (QBCO_PY, "run_qbco.py", ["--logprob-chunk", "256"]),
+}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def run_one(tool: str, model: Path, data: Path, rows: str | None, steps: int, warmup: int, batch: int,
+            max_prompt: int, max_completion: int, config: str, log) -> dict:
+    python, script, extra = {**TOOLS, **EXTRA_TOOLS}[tool]
+    cmd = [str(python), str(ROOT / "bench" / script), "--model", str(model), "--data", str(data),
+           "--steps", str(steps), "--warmup", str(warmup), "--batch", str(batch), "--max-prompt", str(max_prompt),
+           "--max-completion", str(max_completion), "--config", config, *extra]
+    if rows:
+        cmd += ["--rows", rows]
+    load_before = os.getloadavg()[0]
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), **EXTRA_ENV}
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
+    wall = time.perf_counter() - t
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+        log(f"  {tool} {config}: FAILED (exit {proc.returncode})\n{tail}")
+        return {"tool": tool, "config": config, "error": tail, "process_wall_s": wall}
+    result = json.loads(lines[-1][len("RESULT "):])
+    result.update(process_wall_s=wall, load_avg_before=load_before, load_avg_after=os.getloadavg()[0])
+    log(f"  {tool:15s} {config:22s} median step {result['median_step_s']:.2f}s  {result['tokens_per_s']:.1f} tok/s  "
+        f"peak RSS {result['peak_rss_mb']:.0f} MiB (training {result['train_peak_rss_mb']:.0f})  "
+        f"ref {result['ref_precompute_s']:.1f}s  whole {result['whole_run_s']:.1f}s  [{wall:.0f}s, load {load_before:.1f}]")
+    return result
+
+
+def save(results: dict) -> None:
+    OUT.mkdir(exist_ok=True)
+    name = results["name"]  # a harness check or a variant never overwrites the main figures
+    tmp = OUT / (name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    tmp.replace(OUT / name)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def w1_table(runs: list[dict]) -> str:
+    ok = [r for r in runs if "error" not in r]
+    by = {t: [r for r in ok if r["tool"] == t] for t in TOOLS}
+    fig = {}
+    for tool, rs in by.items():
+        if not rs:
+            continue
+        fig[tool] = {
+            "n": len(rs),
+            "step": med([r["median_step_s"] for r in rs]),
+            "tps": med([r["tokens_per_s"] for r in rs]),
+            "cpu_tps": med([r.get("tokens_per_cpu_s") for r in rs]),
+            "rss": med([r["peak_rss_mb"] for r in rs]),
+            "train_rss": med([r["train_peak_rss_mb"] for r in rs]),
+            "growth": med([r["train_peak_rss_mb"] - r["train_start_rss_mb"] for r in rs]),
+            "ref": med([r["ref_precompute_s"] for r in rs]),
+            "whole": med([r["whole_run_s"] for r in rs]),
+            "whole_tps": med([sum(r["step_tokens"]) / r["whole_run_s"] for r in rs]),
+        }
+    lines = ["| tool | runs | median step (s) | tokens/s | tokens per CPU-second | peak RSS (MiB) | training-phase peak RSS (MiB) | growth over the loaded model (MiB) | reference precompute (s) | whole run (s) | whole-run tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for tool, f in fig.items():
+        lines.append(f"| {tool} | {f['n']} | {f['step']:.2f} | {f['tps']:.1f} | {f['cpu_tps']:.1f} | {f['rss']:.0f} | {f['train_rss']:.0f} | "
+                     f"{f['growth']:.0f} | {f['ref']:.1f} | {f['whole']:.1f} | {f['whole_tps']:.1f} |")
+    if "qbco" in fig:
+        lines += ["", "| qbco / peer | tokens/s | tokens per CPU-second | median step time | peak RSS | training-phase peak RSS | growth | whole-run time |",
+                  "|---|---|---|---|---|---|---|---|"]
+        q = fig["qbco"]
+        for peer in ("trl-default", "trl-precompute"):
+            if peer in fig:
+                p = fig[peer]
+                lines.append(f"| vs {peer} | {q['tps'] / p['tps']:.2f}x | {q['cpu_tps'] / p['cpu_tps']:.2f}x | {q['step'] / p['step']:.2f}x | "
+                             f"{q['rss'] / p['rss']:.2f}x | {q['train_rss'] / p['train_rss']:.2f}x | "
+                             f"{q['growth'] / p['growth']:.2f}x | {q['whole'] / p['whole']:.2f}x |")
+        reps = sorted({r["config"] for r in ok})
+        per_rep = []
+        for peer in ("trl-default", "trl-precompute"):
+            ratios = []
+            for rep in reps:
+                a = [r for r in ok if r["config"] == rep and r["tool"] == "qbco"]
+                b = [r for r in ok if r["config"] == rep and r["tool"] == peer]
+                if a and b:
+                    ratios.append(a[0]["tokens_per_s"] / b[0]["tokens_per_s"])
+            if ratios:
+                per_rep.append(f"{peer}: " + ", ".join(f"{x:.2f}x" for x in ratios))
+        if per_rep:
+            lines += ["", "tokens/s ratio qbco / peer within each repetition: " + "; ".join(per_rep)]
+    return "\n".join(lines)
+
+
+def scale_table(runs: list[dict]) -> str:
+    ok = [r for r in runs if "error" not in r]
+    lines = ["| model | length | batch | tool | tokens/s | tokens per CPU-second | peak RSS (MiB) | training-phase peak (MiB) | growth over the loaded model (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(ok, key=lambda r: (r["model"], int(r["config"].split("-L")[-1]), r["tool"])):
+        lines.append(f"| {r['model']} | {r['config'].split('-L')[-1]} | {r['batch']} | {r['tool']} | {r['tokens_per_s']:.1f} | "
+                     f"{r.get('tokens_per_cpu_s') or float('nan'):.1f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['train_peak_rss_mb']:.0f} | {r['train_peak_rss_mb'] - r['train_start_rss_mb']:.0f} |")
+    failed = [r for r in runs if "error" in r]
+    for r in failed:
+        lines.append(f"| {r['config']} | | {r['tool']} | failed: {r['error'].splitlines()[-1][:80]} | | | | | |")
+    return "\n".join(lines)
+
+
+def report(results: dict) -> str:
+    parts = [f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['memory']}; "
+             f"{results.get('threads', '?')} torch thread(s) per process; started {results['started']}"
+             + (f"; LD_PRELOAD={results['ld_preload']}" if results.get("ld_preload") else "")]
+    if results.get("w1"):
+        parts += ["", "### W1", "", w1_table(results["w1"])]
+    if results.get("scale"):
+        parts += ["", "### Scaling", "", scale_table(results["scale"])]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=2, help="W1 repetitions (each runs all three tools)")
+    p.add_argument("--w1-steps", type=int, default=3, help="optimizer steps per W1 process, warm-up included")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--scale", default=SCALE, help="MODEL:BATCH:TOOL+TOOL,... for the scaling table, or none "
+                   f"(default {SCALE})")
+    p.add_argument("--scale-lengths", default="256,512,1024,2048")
+    p.add_argument("--scale-steps", type=int, default=2)
+    p.add_argument("--phases", default="w1,scale")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process. 1 by default: on a machine shared with other jobs a 2-thread "
+                        "step waits at every parallel region for its descheduled thread and identical runs differed "
+                        "7x; one thread's CPU time per step is steady (see docs/performance.md)")
+    p.add_argument("--tiny", action="store_true", help="harness check: the tiny large-vocabulary model, short rows")
+    p.add_argument("--ld-preload", default=None,
+                   help="an allocator for every tool, e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (apt install "
+                        "libjemalloc2); results go to results-jemalloc.json")
+    p.add_argument("--report", action="store_true", help="print the tables from results.json (with --tiny: results-tiny.json) and stop")
+    args = p.parse_args()
+
+    global THREADS
+    THREADS = args.threads
+    name = "results-tiny.json" if args.tiny else "results-jemalloc.json" if args.ld_preload else "results.json"
+    if args.ld_preload:
+        EXTRA_ENV["LD_PRELOAD"] = args.ld_preload
+    if args.report:
+        print(report(json.loads((OUT / name).read_text())))
+        return
+    for python in (QBCO_PY, TRL_PY):
+        if not python.exists():
+            sys.exit(f"{python} is missing: run scripts/setup.sh and bench/setup_trl.sh first")
+    if not (OUT / "w1.jsonl").is_file() or not (OUT / "tiny-qwen-vocab" / "config.json").is_file():
+        sys.exit("bench/out has no data: run .venv/bin/python bench/make_data.py first")
+
+    results = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:],
+               "threads": args.threads, "tiny": args.tiny, "name": name,
+               "ld_preload": args.ld_preload, "w1": [], "scale": []}
+    log = lambda m: print(m, flush=True)
+    tiny = OUT / "tiny-qwen-vocab"
+    phases = args.phases.split(",")
+
+    if "w1" in phases:
+        rows_per = args.w1_steps * (2 if args.tiny else 8)
+        log(f"W1: {args.reps} repetitions x {list(TOOLS)}, {args.w1_steps} steps ({args.warmup} warm-up) on {rows_per} rows each")
+        for rep in range(args.reps):
+            span = f"{rep * rows_per}:{(rep + 1) * rows_per}"
+            for tool in TOOLS:
+                if args.tiny:
+                    r = run_one(tool, tiny, OUT / "scale-qwenvocab-256.jsonl", f"0:{rows_per}", args.w1_steps,
+                                args.warmup, 2, 256, 256, f"tiny-rep{rep}", log)
+                else:
+                    r = run_one(tool, SMOLLM2, OUT / "w1.jsonl", span, args.w1_steps, args.warmup, 8, 256, 256,
+                                f"w1-rep{rep}", log)
+                results["w1"].append(r)
+                save(results)
+
+    if "scale" in phases and args.scale != "none":
+        lengths = [int(x) for x in args.scale_lengths.split(",")]
+        if args.tiny:
+            lengths = lengths[:1]
+        for spec in args.scale.split(","):
+            name, batch, tools = spec.split(":")
+            batch, tools = int(batch), tools.split("+")
+            model = {"qwenvocab": tiny, "smollm2": SMOLLM2}[name]
+            if args.tiny and name != "qwenvocab":
+                continue
+            rows = batch * args.scale_steps
+            log(f"scaling: {name}, batch {batch}, {args.scale_steps} steps ({args.warmup} warm-up), {tools}")
+            for length in lengths:
+                for tool in tools:
+                    r = run_one(tool, model, OUT / f"scale-{name}-{length}.jsonl", f"0:{rows}", args.scale_steps,
+                                args.warmup, batch, length, length, f"{name}-L{length}", log)
+                    results["scale"].append(r)
+                    save(results)
+
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    save(results)
+    print()
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
