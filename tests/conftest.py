@@ -27,6 +27,10 @@ def _test_cache() -> None:
 
 
 _test_cache()
+# The tests' models are tiny and overhead-bound: one thread is as fast, and on a 2-core machine shared with
+# anything else a second OpenMP thread busy-waits (measured: the suite took 8.5 min with 2 threads under
+# load, 1.2 min with 1).
+torch.set_num_threads(1)
 
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
 BASE_WORDS = ["user", "assistant", "system", ":", "?", ".", ","]
