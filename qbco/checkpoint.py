@@ -9,14 +9,12 @@ the run stands in it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from qbco.run_folder import readable
+from qbco.run_folder import atomic_folder
 
 PREFIX = "step-"
 
@@ -33,8 +31,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, elaps
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
-    try:
+    with atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
         state = {
             "optimizer": optimizer.state_dict(),
@@ -43,14 +40,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, elaps
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         torch.save(state, tmp / "state.pt")
-        # state.json last: its presence marks the checkpoint complete.
         (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed_s, "shift": shift_state}))
-        readable(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target

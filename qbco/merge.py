@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +28,7 @@ from qbco.models import (
     load_run,
     resolve_model,
 )
-from qbco.run_folder import readable
+from qbco.run_folder import atomic_folder
 
 BASES = ("dequantized", "original")
 DEFAULT_BASE = "dequantized"  # measured closer to the trained model: docs/merge.md
@@ -424,9 +421,7 @@ def merge(run_dir: str | Path, output: str | Path, base: str = DEFAULT_BASE, dty
                      f"(--dtype {trained_name} avoids it)")
         log(notes[-1])
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    with atomic_folder(output) as tmp:
         save_merged(merged, tokenizer, tmp)
         del merged, model
         _release()
@@ -449,12 +444,6 @@ def merge(run_dir: str | Path, output: str | Path, base: str = DEFAULT_BASE, dty
                 "trust_remote_code": config.trust_remote_code,
                 "verification": asdict(check) if check else None, "fidelity": asdict(fid)}
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        readable(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return MergeResult(output, kind, dtype, check, fid, notes)
 
 

@@ -7,7 +7,6 @@ import difflib
 import importlib.util
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,8 +62,9 @@ def smollm2_folder() -> Path:
                         f"{free >> 20} MiB free (set QBCO_CACHE to another folder)")
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+    from qbco.run_folder import atomic_folder
+
+    with atomic_folder(target) as tmp:  # an interrupted conversion leaves nothing that looks converted
         model = AutoModelForCausalLM.from_pretrained(
             gguf_dir, gguf_file=SMOLLM2_GGUF, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
         )
@@ -72,14 +72,6 @@ def smollm2_folder() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model
-        from qbco.run_folder import readable
-
-        readable(tmp)
-        if target.exists():  # a half conversion from an interrupted run: nothing in it is trusted
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from qbco.config import TrainConfig
@@ -42,16 +43,29 @@ def keep_metrics(path: Path, step: int) -> None:
 
 
 def save_adapter(model, tokenizer, folder: Path, shift: RewardShift) -> None:
-    """adapter/ written into a temporary folder and renamed: never half a folder that looks finished."""
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder.parent))
-    try:
+    """adapter/: peft weights and config, the tokenizer, and the reward-shift state, published whole."""
+    with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "reward_shift.json").write_text(json.dumps(shift.state_dict()), encoding="utf-8")
+
+
+@contextmanager
+def atomic_folder(target: Path):
+    """A temporary folder beside `target` that becomes `target` when the block ends without error, with
+    ordinary permissions; on an error it is removed and an existing `target` is left as it was. There is
+    never half a folder at `target`: an old one is moved aside before the rename and removed after it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
         readable(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}") if target.exists() else None
+        if old is not None:
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
