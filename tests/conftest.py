@@ -108,3 +108,19 @@ def separable_file(tmp_path) -> Path:
     path = tmp_path / "separable.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(40)), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished run folder: 4 steps of BCO on the 4-bit tiny llama (for merge and generate tests, which
+    only read it)."""
+    from qbco.config import build_config
+    from qbco.train import train
+
+    folder = tmp_path_factory.mktemp("tiny-run")
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(40)), encoding="utf-8")
+    config = build_config(model=str(tiny_model_dir), data=str(data), output=str(folder / "run"), eval_fraction=0.25,
+                          lr=1e-2, beta=0.5, max_steps=4, batch_size=8, max_prompt_length=32, max_completion_length=16)
+    return train(config, log=lambda message: None).output
+

@@ -8,39 +8,22 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import separable_rows
 from qbco import generate as gen
 from qbco.cli import app
-from qbco.config import build_config
 from qbco.errors import QbcoError
 from qbco.merge import merge
 from qbco.models import load_base, load_tokenizer
-from qbco.train import train
 
 CPU = torch.device("cpu")
 PROMPTS = ["question q3 ?", "question q17 ?", [{"role": "user", "content": "question q41 ?"}]]
 SHORT = gen.Sampling(max_new_tokens=6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared 2-core machine idle OpenMP threads spin:
-    one thread runs this module several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory, tiny_model_dir):
+def folders(tmp_path_factory, tiny_run):
     """(run, merged folder): 4 steps of BCO on a 4-bit base, merged in fp32 into the dequantized base."""
     folder = tmp_path_factory.mktemp("generate")
-    data = folder / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(40)), encoding="utf-8")
-    config = build_config(model=str(tiny_model_dir), data=str(data), output=str(folder / "run"), eval_fraction=0.25,
-                          lr=1e-2, beta=0.5, max_steps=4, batch_size=8, max_prompt_length=32, max_completion_length=16)
-    run = train(config, log=lambda message: None).output
+    run = tiny_run
     merged = merge(run, folder / "merged", dtype="fp32", verify_output=False, device=CPU, log=lambda message: None).output
     return run, merged
 

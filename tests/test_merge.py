@@ -9,37 +9,19 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import separable_rows
 from qbco import merge as merging
 from qbco.cli import app
-from qbco.config import build_config
 from qbco.data import collate
 from qbco.errors import QbcoError
 from qbco.logprobs import completion_logps
 from qbco.models import load_run
-from qbco.train import train
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared 2-core machine idle OpenMP threads spin:
-    one thread runs this module several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_model_dir):
-    folder = tmp_path_factory.mktemp("merge")
-    data = folder / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(40)), encoding="utf-8")
-    config = build_config(model=str(tiny_model_dir), data=str(data), output=str(folder / "run"), eval_fraction=0.25,
-                          lr=1e-2, beta=0.5, max_steps=4, batch_size=8, max_prompt_length=32, max_completion_length=16)
-    return train(config, log=lambda message: None).output
+def run_dir(tiny_run):
+    return tiny_run
 
 
 def quiet(message):
