@@ -238,8 +238,8 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
             labels = torch.tensor([train_enc[i].label for rows in window for i in rows])
             window_rows = len(labels)
             n_up, n_down = int(labels.sum()), int((~labels).sum())
-            if config.balance == "weight":
-                n_up, n_down = window_rows * share_up, window_rows * (1 - share_up)
+            # the class means' denominators: the window's own counts, or with --balance weight the expected ones
+            per_class = (window_rows * share_up, window_rows * (1 - share_up)) if config.balance == "weight" else (n_up, n_down)
             delta = shift.delta if config.loss == "bco" else 0.0  # frozen for the whole window
             step_loss, rewards, kl = 0.0, [], []
             for rows in window:
@@ -247,7 +247,7 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
                 policy = completion_logps(model, b.input_ids, b.attention_mask, b.completion_mask, config.logprob_chunk)
                 ref = ref_train[rows].to(device)
                 if config.loss in ("bco", "bce"):
-                    result = bco_loss(policy, ref, b.labels, delta, config.beta, n_up, n_down)
+                    result = bco_loss(policy, ref, b.labels, delta, config.beta, *per_class)
                     loss = result.loss
                 elif config.loss == "kto":
                     kl_policy, kl_ref = mismatched_logps(model, train_enc, rows, pad_id, device, config.logprob_chunk)
