@@ -244,10 +244,6 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.completion_mask, self.labels, self.index)))
 
-    @property
-    def tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
 
 def collate(encoded: list[Encoded], index: list[int], pad_id: int) -> Batch:
     rows = [encoded[i] for i in index]
