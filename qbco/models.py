@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from qbco.errors import QbcoError
+from qbco.fused_lora import fuse_lora
 
 SMOLLM2 = "smollm2-135m"
 MODEL_ALIASES = {
@@ -188,7 +189,9 @@ def attach_lora(model, r: int, alpha: int, dropout: float, targets: str, gradien
         task_type="CAUSAL_LM",
     )
     # autocast_adapter_dtype (peft's default) keeps the adapters in fp32 under a bf16 base.
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    fuse_lora(peft_model)  # the same sums as peft's forward, without its four extra passes per layer
+    return peft_model
 
 
 def load_policy(config, device: torch.device | None = None):
@@ -227,5 +230,6 @@ def load_run(run_dir: str | Path, device: torch.device | None = None):
     tokenizer = load_tokenizer(str(run_dir / "adapter"))
     base = load_base(path, config.load_in_4bit, compute_dtype(config.dtype, device), device, config.trust_remote_code)
     model = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False)
+    fuse_lora(model)
     model.eval()
     return config, tokenizer, model
