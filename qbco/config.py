@@ -47,7 +47,7 @@ class TrainConfig:
     load_in_4bit: bool = True
     dtype: str = "auto"  # compute dtype; auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = True
-    logprob_chunk: int = 1024  # completion tokens per LM-head chunk
+    logprob_chunk: int | None = None  # completion tokens per LM-head chunk; None: 2^24 logits' worth (logprobs.CHUNK_LOGITS)
     save_every: int = 50  # optimizer steps between checkpoints (one is always written at the end)
     keep: int = 2  # checkpoints kept
     allow_one_class: bool = False  # train on data with one class only (BCO's delta then tracks that class alone)
@@ -78,7 +78,7 @@ class TrainConfig:
             (self.max_grad_norm > 0, f"max_grad_norm must be > 0 (got {self.max_grad_norm})"),
             (self.save_every >= 1, f"save_every must be >= 1 (got {self.save_every})"),
             (self.keep >= 1, f"keep must be >= 1 (got {self.keep})"),
-            (self.logprob_chunk >= 1, f"logprob_chunk must be >= 1 (got {self.logprob_chunk})"),
+            (self.logprob_chunk is None or self.logprob_chunk >= 1, f"logprob_chunk must be >= 1 (got {self.logprob_chunk})"),
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)} (got {self.loss!r})"),
             (self.balance in BALANCES, f"balance must be one of {', '.join(BALANCES)} (got {self.balance!r})"),
             (

@@ -8,7 +8,6 @@ those in chunks, so full [batch, length, vocab] logits never exist (PITFALLS 6).
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from qbco.data import Encoded, iter_batches
 from qbco.models import reference
@@ -25,20 +24,112 @@ def token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class HeadLogps(torch.autograd.Function):
+    """token_logps with its gradient taken in forward, while the chunk's logits exist anyway:
+
+        logp_t = z_t[y_t] - logsumexp(z_t),   z_t = W h_t (+ b)
+        d logp_t / d h_t = W[y_t] - softmax(z_t) W
+
+    Backward is g_t times that [n, hidden] gradient. The LM head's weight is frozen (qbco never puts LoRA on
+    it), so nothing else needs a gradient. Against checkpointing the chunk, the [n, vocab] logits are made
+    once instead of twice and never outlive forward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head):
+        logits = head(hidden).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+        weight = head.weight
+        probs = logits.sub_(lse.unsqueeze(-1)).exp_().to(weight.dtype)  # softmax, in place of the logits
+        grad = weight[targets].float() - (probs @ weight).float()
+        ctx.save_for_backward(grad.to(hidden.dtype))
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g.unsqueeze(-1).to(grad.dtype), None, None
+
+
+# Logits per LM-head chunk when the chunk is not given in tokens: 2^24 float32 logits are 64 MiB, about three
+# times that alive in a chunk's backward; 341 tokens with SmolLM2's 49,152-token vocabulary, 110 with Qwen2.5's.
+CHUNK_LOGITS = 2**24
+# A separate decoder call costs about as much as this many more padded positions would (Python overhead and
+# one more dequantization of every 4-bit weight per pass; measured on SmolLM2 on a CPU, docs/performance.md).
+GROUP_OVERHEAD = 64
+
+
+def length_groups(lengths: list[int], overhead: int | None = None) -> list[list[int]]:
+    """Rows cut into groups, each padded only to its own longest row, minimising padded positions.
+
+    Rows sorted by length are split into contiguous runs; a run i..j-1 costs (j - i) * length[j-1] positions
+    plus `overhead` for its decoder call. best[j] = min over i of best[i] + cost(i, j), an O(B^2) dynamic
+    programme. The batch itself is unchanged: the loss still sees every row of it.
+    """
+    overhead = GROUP_OVERHEAD if overhead is None else overhead
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_len = [lengths[i] for i in order]
+    best, cut = [0] + [None] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * sorted_len[j - 1] + overhead
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
 def completion_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
-    chunk: int = 1024,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """[B] sums over completion tokens of log p(token | everything before it). Prompt and padding never count.
 
+    Rows of very different lengths go through the decoder in separate calls (`length_groups`), each cut to
+    its own longest row, so padding costs little; every row's sum is the one the whole batch would give.
+    `chunk` is completion tokens per LM-head chunk; None sizes it by logits (CHUNK_LOGITS / vocabulary).
+    """
+    if chunk is None:
+        chunk = chunk_tokens(causal_lm(model).get_output_embeddings())
+    ends = (attention_mask * torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)).amax(1)
+    groups = length_groups(ends.tolist())
+    if len(groups) <= 1:
+        if not groups:
+            return torch.zeros(0, device=input_ids.device, dtype=torch.float32)
+        width = int(ends.max())
+        return _group_logps(model, input_ids[:, :width], attention_mask[:, :width], completion_mask[:, :width], chunk)
+    parts = []
+    for group in groups:
+        rows = torch.tensor(group, device=input_ids.device)
+        width = int(ends[rows].max())
+        parts.append(
+            _group_logps(model, input_ids[rows, :width], attention_mask[rows, :width], completion_mask[rows, :width], chunk)
+        )
+    order = torch.tensor([i for group in groups for i in group], device=input_ids.device)
+    return torch.cat(parts)[torch.argsort(order)]
+
+
+def chunk_tokens(head: torch.nn.Module) -> int:
+    """Completion tokens per LM-head chunk so that a chunk holds about CHUNK_LOGITS logits (16 at least)."""
+    return max(16, CHUNK_LOGITS // head.weight.shape[0])
+
+
+def _group_logps(model, input_ids, attention_mask, completion_mask, chunk: int) -> torch.Tensor:
+    """completion_logps for rows sent to the decoder together.
+
     Token t is predicted by the hidden state at t-1, so the positions kept are completion_mask[:, 1:].
-    Under autograd each chunk is checkpointed: its logits are recomputed in backward instead of stored.
+    Under autograd each chunk's gradient is taken in its forward (HeadLogps): no logits are kept for backward.
     """
     lm = causal_lm(model)
-    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    mask = None if bool(attention_mask.all()) else attention_mask  # no padding: the causal fast path
+    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
     keep = completion_mask[:, 1:].bool()
     h = hidden[:, :-1][keep]  # [N, H]: only positions that predict a completion token
     targets = input_ids[:, 1:][keep]
@@ -48,14 +139,16 @@ def completion_logps(
     for start in range(0, h.shape[0], chunk):
         hc, tc = h[start : start + chunk], targets[start : start + chunk]
         if torch.is_grad_enabled() and hc.requires_grad:
-            parts.append(checkpoint(token_logps, head, hc, tc, use_reentrant=False))
+            if head.weight.requires_grad:
+                raise ValueError("completion_logps: the LM head must be frozen (its gradient is not computed)")
+            parts.append(HeadLogps.apply(hc, tc, head))
         else:
             parts.append(token_logps(head, hc, tc))
     per_token = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
     return torch.zeros(input_ids.shape[0], device=input_ids.device, dtype=torch.float32).index_add(0, rows, per_token)
 
 
-def dataset_logps(model, encoded: list[Encoded], batch_size: int, pad_id: int, device, chunk: int) -> torch.Tensor:
+def dataset_logps(model, encoded: list[Encoded], batch_size: int, pad_id: int, device, chunk: int | None) -> torch.Tensor:
     """[N] completion log-probs of every encoded row under `model` as it is now, without gradients."""
     out = torch.zeros(len(encoded), dtype=torch.float32)
     was_training = model.training

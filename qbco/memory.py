@@ -47,7 +47,10 @@ def estimate(hf_config, config, dtype_bytes: int) -> Estimate:
     tokens = config.batch_size * (config.max_prompt_length + config.max_completion_length)
     layer_peak = tokens * (6 * h + 4 * inter) * dtype_bytes  # one layer's activations, held for its backward
     saved = tokens * h * dtype_bytes * n_layers if config.gradient_checkpointing else layer_peak * n_layers
-    chunk = min(config.logprob_chunk, config.batch_size * config.max_completion_length)
+    from qbco.logprobs import CHUNK_LOGITS
+
+    per_chunk = config.logprob_chunk or max(16, CHUNK_LOGITS // vocab)  # as logprobs.chunk_tokens sizes it
+    chunk = min(per_chunk, config.batch_size * config.max_completion_length)
     return Estimate(
         base_params=linear + bias + embeddings + norms,
         linear_params=linear,

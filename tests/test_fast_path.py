@@ -1,5 +1,6 @@
-"""The optimisations do not change training: qbco's fast path (decoder once, LM head only at completion
-positions in chunks, reference log-probs precomputed once for the dataset) gives, step for step, the losses and
+"""The optimisations do not change training: qbco's fast path (decoder once per group of rows of like length,
+LM head only at completion positions in chunks, LoRA fused into the base layer's output, reference log-probs
+precomputed once for the dataset) gives, step for step, the losses and
 gradient norms of the straightforward computation written here (full logits -> log_softmax -> gather over
 completion positions, the reference computed for every batch with the adapters disabled)."""
 
@@ -32,6 +33,9 @@ def straightforward_run(config):
     train_rows, _ = load_feedback(config.data, config.eval_fraction, config.seed)
     torch.manual_seed(config.seed)  # as train() does before loading: the same fresh adapters
     tokenizer, model, _ = load_policy(config, default_device())
+    for module in model.modules():  # peft's own LoRA forward, not qbco.fused_lora's
+        if "_peft_forward" in module.__dict__:
+            del module.__dict__["forward"], module.__dict__["_peft_forward"]
     enc = encode_all(train_rows, tokenizer, config.max_prompt_length, config.max_completion_length)
     assert len(enc) <= config.batch_size
     b = collate(enc, list(range(len(enc))), tokenizer.pad_token_id)
@@ -64,10 +68,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("chunk", [16, 1024])  # many chunks of 16 completion tokens, and one chunk for all
+# Many chunks of 16 completion tokens with every row length its own decoder call; one chunk for all rows in one call.
+@pytest.mark.parametrize("chunk,group_overhead", [(16, 0), (1024, 10**9)])
 def test_fast_path_losses_equal_the_straightforward_computation(tmp_path, monkeypatch, one_thread, tiny_model_dir,
-                                                                separable_file, chunk):
+                                                                separable_file, chunk, group_overhead):
+    import qbco.logprobs as ql
+
     monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))  # the reference is computed here, not read from a cache
+    monkeypatch.setattr(ql, "GROUP_OVERHEAD", group_overhead)
+    calls = []
+    original = ql._group_logps
+    monkeypatch.setattr(ql, "_group_logps", lambda *a: calls.append(a[1].shape[0]) or original(*a))
     n_rows = len(separable_file.read_text().splitlines())
     config = build_config(
         model=str(tiny_model_dir), data=str(separable_file), output=str(tmp_path / "run"), eval_fraction=0.0,
@@ -81,6 +92,8 @@ def test_fast_path_losses_equal_the_straightforward_computation(tmp_path, monkey
     slow_losses, slow_norms = straightforward_run(config)
 
     assert len(fast) == STEPS
+    # One decoder call per batch (the reference pass's and each step's), or one per row length and batch.
+    assert len(calls) == STEPS + 1 if group_overhead else len(calls) >= 2 * (STEPS + 1)
     assert [m["loss"] for m in fast] == pytest.approx(slow_losses, rel=1e-5, abs=1e-6)
     assert [m["grad_norm"] for m in fast] == pytest.approx(slow_norms, rel=1e-4, abs=1e-6)
     # The comparison has teeth: the model learnt, so later losses are not the step-0 value 2 log 2.

@@ -29,7 +29,9 @@ def batch():
 
 @pytest.fixture
 def model():
-    return make_tiny_llama(VOCAB, seed=3).eval()
+    m = make_tiny_llama(VOCAB, seed=3).eval()
+    m.get_output_embeddings().weight.requires_grad_(False)  # frozen, as under LoRA: completion_logps needs it
+    return m
 
 
 def test_values_and_gradients_equal_the_straightforward_computation(model):
@@ -91,3 +93,93 @@ def test_reference_is_the_base_with_adapters_disabled(model):
     assert (trained - ref_after).abs().min() > 1e-4  # and the policy did
     with torch.no_grad():  # leaving the context turns the adapters back on
         assert torch.equal(completion_logps(peft_model, ids, attn, comp), trained)
+
+
+def brute_force_groups(lengths, overhead):
+    """Every split of the length-sorted rows into contiguous runs, the cheapest cost found by enumeration."""
+    import itertools
+
+    s = sorted(lengths)
+    best = None
+    for k in range(len(s)):
+        for cuts in itertools.combinations(range(1, len(s)), k):
+            bounds = (0, *cuts, len(s))
+            cost = sum((j - i) * s[j - 1] + overhead for i, j in zip(bounds, bounds[1:]))
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_groups_are_the_cheapest_split(seed):
+    import random
+
+    from qbco.logprobs import length_groups
+
+    rng = random.Random(seed)
+    lengths = [rng.randrange(5, 300) for _ in range(rng.randrange(1, 9))]
+    overhead = rng.choice([0, 16, 64, 1000])
+    groups = length_groups(lengths, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # every row once
+    cost = sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+    assert cost == brute_force_groups(lengths, overhead)
+
+
+def test_rows_grouped_by_length_give_the_straightforward_values_and_gradients(model, monkeypatch):
+    """Four rows of lengths 12, 5, 9 and 3 (right-padded to 12); with no per-call overhead every length is
+    its own decoder call, each cut to its own width, yet each row's value and the gradient are those of the
+    straightforward full-batch computation."""
+    import qbco.logprobs as ql
+
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, VOCAB, (4, 12), generator=g)
+    lengths, prompts = [12, 5, 9, 3], [4, 2, 6, 1]
+    attn = torch.tensor([[1] * n + [0] * (12 - n) for n in lengths])
+    comp = torch.tensor([[0] * p + [1] * (n - p) + [0] * (12 - n) for n, p in zip(lengths, prompts)])
+    ids = ids * attn  # padding id 0
+    monkeypatch.setattr(ql, "GROUP_OVERHEAD", 0)
+    assert len(ql.length_groups(lengths)) == 4
+    calls = []
+    decoder = model.get_decoder()
+    original = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda **kw: calls.append(kw["input_ids"].shape) or original(**kw))
+    fast = completion_logps(model, ids, attn, comp, chunk=4)
+    assert sorted(calls) == [(1, 3), (1, 5), (1, 9), (1, 12)]
+    monkeypatch.setattr(decoder, "forward", original)
+    slow = straightforward(model, ids, attn, comp)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    w = model.model.layers[1].self_attn.q_proj.weight
+    (g_fast,) = torch.autograd.grad(fast @ torch.tensor([1.0, -2.0, 0.5, 3.0]), w)
+    (g_slow,) = torch.autograd.grad(slow @ torch.tensor([1.0, -2.0, 0.5, 3.0]), w)
+    assert torch.allclose(g_fast, g_slow, atol=1e-6)
+
+
+def test_the_default_chunk_holds_2_to_the_24_logits(model, monkeypatch):
+    """SmolLM2's 49,152 entries: 341 tokens a chunk; Qwen2.5's 151,936: 110. With the tiny model's 50 entries
+    and 2^7 logits a chunk is 16 tokens (the floor), so 8 completion tokens make one chunk, 40 make three."""
+    import qbco.logprobs as ql
+
+    head = torch.nn.Linear(4, 49152, bias=False)
+    assert ql.chunk_tokens(head) == 341
+    assert ql.chunk_tokens(torch.nn.Linear(4, 151936, bias=False)) == 110
+    monkeypatch.setattr(ql, "CHUNK_LOGITS", 2**7)
+    sizes = []
+    original = ql.token_logps
+    monkeypatch.setattr(ql, "token_logps", lambda h, hid, t: sizes.append(hid.shape[0]) or original(h, hid, t))
+    ids, attn, comp = batch()
+    with torch.no_grad():
+        completion_logps(model, ids, attn, comp)
+    assert sizes == [8]
+    ids = torch.randint(3, VOCAB, (1, 45), generator=torch.Generator().manual_seed(0))
+    comp = torch.zeros_like(ids)
+    comp[:, 5:] = 1
+    sizes.clear()
+    with torch.no_grad():
+        completion_logps(model, ids, torch.ones_like(ids), comp)
+    assert sizes == [16, 16, 8]
+
+
+def test_a_trainable_lm_head_is_refused(model):
+    model.get_output_embeddings().weight.requires_grad_(True)
+    ids, attn, comp = batch()
+    with pytest.raises(ValueError, match="LM head must be frozen"):
+        completion_logps(model, ids, attn, comp)
