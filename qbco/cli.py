@@ -20,6 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from qbco.allocator import active, restart_under_mimalloc
 from qbco.errors import QbcoError
 
 app = typer.Typer(
@@ -103,7 +104,7 @@ def train(
     load_in_4bit: Optional[bool] = typer.Option(None, "--4bit/--no-4bit", help="Base in 4-bit NF4 (double quantization) or plain float. (default: 4bit)"),
     dtype: Optional[str] = typer.Option(None, help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32. (default: auto)"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (non-reentrant). (default: on)"),
-    logprob_chunk: Optional[int] = typer.Option(None, help="Completion tokens per LM-head chunk: bounds the logits memory. (default: 1024)"),
+    logprob_chunk: Optional[int] = typer.Option(None, help="Completion tokens per LM-head chunk: bounds the logits memory. (default: 2^24 logits' worth, 341 tokens for a 49,152-token vocabulary)"),
     save_every: Optional[int] = typer.Option(None, help="Optimizer steps between checkpoints; one is always written at the end and on Ctrl-C. (default: 50)"),
     keep: Optional[int] = typer.Option(None, help="Checkpoints kept in RUN/checkpoints. (default: 2)"),
     allow_one_class: Optional[bool] = typer.Option(None, "--allow-one-class", help="Train BCO on data that holds only thumbs-up or only thumbs-down rows. (default: refuse)"),
@@ -114,6 +115,7 @@ def train(
 ) -> None:
     """Align a model on binary feedback with BCO: 4-bit base, LoRA adapters, reference = adapters off."""
     given = [name for name, value in locals().items() if value is not None and name not in ("quiet", "overwrite", "resume")]
+    restart_under_mimalloc()  # before anything is loaded: qbco.allocator says why
     from qbco.config import build_config
 
     with user_errors():
@@ -150,6 +152,7 @@ def train(
             ("time", f"{result.elapsed_s:.1f} s"),
             ("tokens/s", f"{result.tokens_per_s:.0f}"),
             ("peak memory", f"{result.peak_memory_mb:.0f} MiB"),
+            ("allocator", active()),
             ("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-"),
             ("held-out reward accuracy", f"{result.eval['eval_reward_accuracy']:.3f}" if result.eval else "no held-out rows"),
         ]
@@ -214,6 +217,7 @@ def eval_(
     batch_size: Optional[int] = typer.Option(None, help="Rows per scoring batch. (default: the run's batch size)"),
 ) -> None:
     """Score feedback with a run: classification, calibration, pairs, drift; writes RUN_DIR/eval/."""
+    restart_under_mimalloc()
     with user_errors():
         from qbco.evaluate import evaluate, summary_table
 
