@@ -55,8 +55,8 @@ class HeadLogps(torch.autograd.Function):
 # Logits per LM-head chunk when the chunk is not given in tokens: 2^24 float32 logits are 64 MiB, about three
 # times that alive in a chunk's backward; 341 tokens with SmolLM2's 49,152-token vocabulary, 110 with Qwen2.5's.
 CHUNK_LOGITS = 2**24
-# A separate decoder call costs about as much as this many more padded positions would (Python overhead and
-# one more dequantization of every 4-bit weight per pass; measured on SmolLM2 on a CPU, docs/performance.md).
+# What one more decoder call costs, in padded positions' worth: the Python work over every module and one more
+# dequantization of every 4-bit weight, per pass. An estimate, on the side of fewer calls.
 GROUP_OVERHEAD = 64
 
 

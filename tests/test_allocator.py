@@ -20,7 +20,7 @@ def test_the_environment_preloads_mimalloc_and_keeps_what_the_user_set():
     env = restart_environment({"PATH": "/bin"})
     first = env["LD_PRELOAD"].split(":")[0]
     assert Path(first).is_file() and "libmimalloc.so" in Path(first).name
-    assert env[ENV] == "mimalloc" and env["MIMALLOC_PURGE_DELAY"] == "1000" and env["PATH"] == "/bin"
+    assert env[ENV] == "mimalloc" and env["MIMALLOC_PURGE_DELAY"] == "-1" and env["PATH"] == "/bin"
     mine = restart_environment({"LD_PRELOAD": "/opt/libmine.so", "MIMALLOC_PURGE_DELAY": "100"})
     assert mine["LD_PRELOAD"].split(":")[1:] == ["/opt/libmine.so"] and mine["MIMALLOC_PURGE_DELAY"] == "100"
     assert restart_environment({ENV: "system"}) is None  # the user's opt-out, and the mark of a restarted process
@@ -41,7 +41,7 @@ def run_as(tmp_path, name, env_extra=None):
 
 def test_the_qbco_command_restarts_in_place_under_mimalloc(tmp_path):
     allocator, pid, delay, launched = run_as(tmp_path, "qbco")
-    assert (allocator, delay) == ("mimalloc", "1000")
+    assert (allocator, delay) == ("mimalloc", "-1")
     assert pid == launched  # execve: the same process, so a Ctrl-C still reaches it
 
 

@@ -84,6 +84,23 @@ def test_fused_equals_peft_in_outputs_and_every_gradient(bases, kind, dropout):
     assert torch.allclose(f_input, p_input, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_bf16_compute_matches_peft(tiny_model_dir, four_bit):
+    """The dtype path of a CUDA run (bf16 base and activations, fp32 adapters), here on the CPU."""
+    base = load_base(str(tiny_model_dir), load_in_4bit=four_bit, dtype=torch.bfloat16, device=CPU)
+    fused = lora_model(base, 0.0)
+    plain = unfused(fused)
+    ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(3))
+    f_logits, f_grads, f_input = run(fused, ids)
+    p_logits, p_grads, p_input = run(plain, ids)
+    assert f_logits.dtype == torch.bfloat16 and f_input.dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in f_grads.values())
+    assert (f_logits.float() - p_logits.float()).abs().max() < 0.05 * p_logits.float().abs().max()
+    for name in p_grads:
+        err = (f_grads[name] - p_grads[name]).norm() / p_grads[name].norm()
+        assert err < 0.05, f"{name}: relative error {err:.2e}"
+
+
 def test_eval_and_disabled_adapters_match_peft(bases):
     fused = lora_model(bases["nf4"](), 0.2)
     plain = unfused(fused)
