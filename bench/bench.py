@@ -27,16 +27,31 @@ OUT = ROOT / "bench" / "out"
 QBCO_PY = ROOT / ".venv" / "bin" / "python"
 TRL_PY = ROOT / "bench" / ".venv-trl" / "bin" / "python"
 SMOLLM2 = Path(os.environ.get("QBCO_CACHE", Path.home() / ".cache" / "qbco")).expanduser() / "smollm2-135m-instruct"
-TOOLS = {  # name: (python, script, extra flags)
-    "qbco": (QBCO_PY, "run_qbco.py", []),
-    "trl-default": (TRL_PY, "run_trl.py", []),
-    "trl-precompute": (TRL_PY, "run_trl.py", ["--precompute"]),
+TOOLS = {  # name: (python, script, extra flags, extra environment); W1 runs these by default, in this order
+    "qbco": (QBCO_PY, "run_qbco.py", [], {}),
+    "trl-default": (TRL_PY, "run_trl.py", [], {}),
+    "trl-precompute": (TRL_PY, "run_trl.py", ["--precompute"], {}),
 }
 # The scaling table: model, batch size, tools. SmolLM2 runs batch 1 to keep 2,048-token steps affordable on a CPU.
-SCALE = "qwenvocab:2:qbco+qbco-chunk256+trl-default,smollm2:1:qbco+trl-default"
-EXTRA_TOOLS = {  # measured in the scaling table only: qbco with a smaller LM-head chunk than its default
-    "qbco-chunk256": (QBCO_PY, "run_qbco.py", ["--logprob-chunk", "256"]),
+SCALE = "qwenvocab:2:qbco+qbco-chunk1024+trl-default,smollm2:1:qbco+trl-default"
+
+
+def _mimalloc_env() -> dict:
+    """The allocator qbco runs under (qbco.allocator), for a peer: fairness rows in W1."""
+    from qbco.allocator import restart_environment
+
+    env = restart_environment({}) or {}
+    return {k: env[k] for k in ("LD_PRELOAD", "MIMALLOC_PURGE_DELAY") if k in env}
+
+
+EXTRA_TOOLS = {  # by name in --w1-tools or --scale
+    "qbco-chunk256": (QBCO_PY, "run_qbco.py", ["--logprob-chunk", "256"], {}),
+    "qbco-chunk1024": (QBCO_PY, "run_qbco.py", ["--logprob-chunk", "1024"], {}),
+    "qbco-glibc": (QBCO_PY, "run_qbco.py", [], {"QBCO_ALLOCATOR": "system"}),  # qbco without its allocator
+    "trl-default-mimalloc": (TRL_PY, "run_trl.py", [], "mimalloc"),  # TRL under qbco's allocator
+    "trl-precompute-mimalloc": (TRL_PY, "run_trl.py", ["--precompute"], "mimalloc"),
 }
+PEERS = ("trl-default", "trl-precompute", "trl-default-mimalloc", "trl-precompute-mimalloc")
 
 
 def machine() -> dict:
@@ -59,14 +74,15 @@ def machine() -> dict:
 
 def run_one(tool: str, model: Path, data: Path, rows: str | None, steps: int, warmup: int, batch: int,
             max_prompt: int, max_completion: int, config: str, log) -> dict:
-    python, script, extra = {**TOOLS, **EXTRA_TOOLS}[tool]
+    python, script, extra, tool_env = {**TOOLS, **EXTRA_TOOLS}[tool]
+    tool_env = _mimalloc_env() if tool_env == "mimalloc" else tool_env
     cmd = [str(python), str(ROOT / "bench" / script), "--model", str(model), "--data", str(data),
            "--steps", str(steps), "--warmup", str(warmup), "--batch", str(batch), "--max-prompt", str(max_prompt),
            "--max-completion", str(max_completion), "--config", config, *extra]
     if rows:
         cmd += ["--rows", rows]
     load_before = os.getloadavg()[0]
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), **EXTRA_ENV}
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), **EXTRA_ENV, **tool_env}
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
     wall = time.perf_counter() - t
@@ -76,6 +92,7 @@ def run_one(tool: str, model: Path, data: Path, rows: str | None, steps: int, wa
         log(f"  {tool} {config}: FAILED (exit {proc.returncode})\n{tail}")
         return {"tool": tool, "config": config, "error": tail, "process_wall_s": wall}
     result = json.loads(lines[-1][len("RESULT "):])
+    result["tool"] = tool  # the variant's name (qbco-glibc, trl-precompute-mimalloc), not the runner's
     result.update(process_wall_s=wall, load_avg_before=load_before, load_avg_after=os.getloadavg()[0])
     log(f"  {tool:15s} {config:22s} median step {result['median_step_s']:.2f}s  {result['tokens_per_s']:.1f} tok/s  "
         f"peak RSS {result['peak_rss_mb']:.0f} MiB (training {result['train_peak_rss_mb']:.0f})  "
@@ -101,7 +118,7 @@ def med(values):
 
 def w1_table(runs: list[dict]) -> str:
     ok = [r for r in runs if "error" not in r]
-    by = {t: [r for r in ok if r["tool"] == t] for t in TOOLS}
+    by = {t: [r for r in ok if r["tool"] == t] for t in dict.fromkeys(r["tool"] for r in ok)}
     fig = {}
     for tool, rs in by.items():
         if not rs:
@@ -127,7 +144,7 @@ def w1_table(runs: list[dict]) -> str:
         lines += ["", "| qbco / peer | tokens/s | tokens per CPU-second | median step time | peak RSS | training-phase peak RSS | growth | whole-run time |",
                   "|---|---|---|---|---|---|---|---|"]
         q = fig["qbco"]
-        for peer in ("trl-default", "trl-precompute"):
+        for peer in PEERS:
             if peer in fig:
                 p = fig[peer]
                 lines.append(f"| vs {peer} | {q['tps'] / p['tps']:.2f}x | {q['cpu_tps'] / p['cpu_tps']:.2f}x | {q['step'] / p['step']:.2f}x | "
@@ -135,7 +152,7 @@ def w1_table(runs: list[dict]) -> str:
                              f"{q['growth'] / p['growth']:.2f}x | {q['whole'] / p['whole']:.2f}x |")
         reps = sorted({r["config"] for r in ok})
         per_rep = []
-        for peer in ("trl-default", "trl-precompute"):
+        for peer in PEERS:
             ratios = []
             for rep in reps:
                 a = [r for r in ok if r["config"] == rep and r["tool"] == "qbco"]
@@ -181,6 +198,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=2, help="W1 repetitions (each runs all three tools)")
     p.add_argument("--w1-steps", type=int, default=3, help="optimizer steps per W1 process, warm-up included")
+    p.add_argument("--w1-tools", default=",".join(TOOLS), help=f"W1 tools in the order run (default {','.join(TOOLS)}; "
+                   f"also {', '.join(EXTRA_TOOLS)})")
+    p.add_argument("--name", default=None, help="results file in bench/out (default results.json)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--scale", default=SCALE, help="MODEL:BATCH:TOOL+TOOL,... for the scaling table, or none "
                    f"(default {SCALE})")
@@ -200,7 +220,7 @@ def main() -> None:
 
     global THREADS
     THREADS = args.threads
-    name = "results-tiny.json" if args.tiny else "results-jemalloc.json" if args.ld_preload else "results.json"
+    name = args.name or ("results-tiny.json" if args.tiny else "results-jemalloc.json" if args.ld_preload else "results.json")
     if args.ld_preload:
         EXTRA_ENV["LD_PRELOAD"] = args.ld_preload
     if args.report:
@@ -221,10 +241,11 @@ def main() -> None:
 
     if "w1" in phases:
         rows_per = args.w1_steps * (2 if args.tiny else 8)
-        log(f"W1: {args.reps} repetitions x {list(TOOLS)}, {args.w1_steps} steps ({args.warmup} warm-up) on {rows_per} rows each")
+        w1_tools = args.w1_tools.split(",")
+        log(f"W1: {args.reps} repetitions x {w1_tools}, {args.w1_steps} steps ({args.warmup} warm-up) on {rows_per} rows each")
         for rep in range(args.reps):
             span = f"{rep * rows_per}:{(rep + 1) * rows_per}"
-            for tool in TOOLS:
+            for tool in w1_tools:
                 if args.tiny:
                     r = run_one(tool, tiny, OUT / "scale-qwenvocab-256.jsonl", f"0:{rows_per}", args.w1_steps,
                                 args.warmup, 2, 256, 256, f"tiny-rep{rep}", log)

@@ -74,6 +74,15 @@ def current_rss_mb() -> float:
     return int(m.group(1)) / 1024 if m else float("nan")
 
 
+def allocator() -> str:
+    """The malloc this process runs under, read off its mapped libraries."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    return "mimalloc" if "libmimalloc" in maps else "jemalloc" if "libjemalloc" in maps else "glibc"
+
+
 def report(args, tool: str, step_seconds: list[float], step_tokens: list[int], losses: list[float],
            load_peak_mb: float, train_start_rss_mb: float, ref_s: float, whole_s: float, import_s: float,
            step_cpu: list[float]) -> dict:
@@ -104,6 +113,7 @@ def report(args, tool: str, step_seconds: list[float], step_tokens: list[int], l
         "ref_precompute_s": ref_s,
         "whole_run_s": whole_s,  # model load + data preparation + reference precompute + every step
         "import_s": import_s,
+        "allocator": allocator(),
     }
     print("RESULT " + json.dumps(result), flush=True)
     return result
