@@ -9,7 +9,6 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from conftest import make_tiny_llama
 from qbco.fused_lora import LoRALinear, fuse_lora
 from qbco.models import attach_lora, load_base
 
@@ -92,7 +91,7 @@ def test_bf16_compute_matches_peft(tiny_model_dir, four_bit):
     plain = unfused(fused)
     ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(3))
     f_logits, f_grads, f_input = run(fused, ids)
-    p_logits, p_grads, p_input = run(plain, ids)
+    p_logits, p_grads, _ = run(plain, ids)
     assert f_logits.dtype == torch.bfloat16 and f_input.dtype == torch.bfloat16
     assert all(g.dtype == torch.float32 for g in f_grads.values())
     assert (f_logits.float() - p_logits.float()).abs().max() < 0.05 * p_logits.float().abs().max()

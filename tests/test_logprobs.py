@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from peft import LoraConfig, get_peft_model
 
-from conftest import make_tiny_llama
 from qbco.logprobs import completion_logps
 from qbco.models import reference
 
@@ -104,7 +104,7 @@ def brute_force_groups(lengths, overhead):
     for k in range(len(s)):
         for cuts in itertools.combinations(range(1, len(s)), k):
             bounds = (0, *cuts, len(s))
-            cost = sum((j - i) * s[j - 1] + overhead for i, j in zip(bounds, bounds[1:]))
+            cost = sum((j - i) * s[j - 1] + overhead for i, j in itertools.pairwise(bounds))
             best = cost if best is None else min(best, cost)
     return best
 
