@@ -47,14 +47,13 @@ def child(args) -> None:
     from qbco import models
     from qbco.allocator import active
     from qbco.config import build_config
+    from qbco.fused_lora import unfuse_lora
 
     smollm2 = Path(os.environ.get("QBCO_CACHE", Path.home() / ".cache" / "qbco")).expanduser() / "smollm2-135m-instruct"
     config = build_config(model=str(smollm2), data="demo", output="unused", dtype="fp32")
     tokenizer, model, _ = models.load_policy(config)
     if args.unfused:
-        for module in model.modules():
-            if "_peft_forward" in module.__dict__:
-                del module.__dict__["forward"], module.__dict__["_peft_forward"]
+        unfuse_lora(model)
     if args.one_call:
         ql.GROUP_OVERHEAD = 10**9
     if args.checkpoint_head:

@@ -109,3 +109,10 @@ def fuse_lora(model: torch.nn.Module) -> int:
         module.forward = types.MethodType(_fused_forward, module)
         count += 1
     return count
+
+
+def unfuse_lora(model: torch.nn.Module) -> None:
+    """Put peft's own forward back on every fused layer (the straightforward path for comparisons)."""
+    for module in model.modules():
+        if "_peft_forward" in module.__dict__:
+            del module.__dict__["forward"], module.__dict__["_peft_forward"]

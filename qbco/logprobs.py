@@ -99,7 +99,7 @@ def completion_logps(
     `chunk` is completion tokens per LM-head chunk; None sizes it by logits (CHUNK_LOGITS / vocabulary).
     """
     if chunk is None:
-        chunk = chunk_tokens(causal_lm(model).get_output_embeddings())
+        chunk = chunk_tokens(causal_lm(model).get_output_embeddings().weight.shape[0])
     ends = (attention_mask * torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)).amax(1)
     groups = length_groups(ends.tolist())
     if len(groups) <= 1:
@@ -118,9 +118,9 @@ def completion_logps(
     return torch.cat(parts)[torch.argsort(order)]
 
 
-def chunk_tokens(head: torch.nn.Module) -> int:
+def chunk_tokens(vocab_size: int) -> int:
     """Completion tokens per LM-head chunk so that a chunk holds about CHUNK_LOGITS logits (16 at least)."""
-    return max(16, CHUNK_LOGITS // head.weight.shape[0])
+    return max(16, CHUNK_LOGITS // vocab_size)
 
 
 def _group_logps(model, input_ids, attention_mask, completion_mask, chunk: int) -> torch.Tensor:

@@ -47,9 +47,9 @@ def estimate(hf_config, config, dtype_bytes: int) -> Estimate:
     tokens = config.batch_size * (config.max_prompt_length + config.max_completion_length)
     layer_peak = tokens * (6 * h + 4 * inter) * dtype_bytes  # one layer's activations, held for its backward
     saved = tokens * h * dtype_bytes * n_layers if config.gradient_checkpointing else layer_peak * n_layers
-    from qbco.logprobs import CHUNK_LOGITS
+    from qbco.logprobs import chunk_tokens
 
-    per_chunk = config.logprob_chunk or max(16, CHUNK_LOGITS // vocab)  # as logprobs.chunk_tokens sizes it
+    per_chunk = config.logprob_chunk or chunk_tokens(vocab)
     chunk = min(per_chunk, config.batch_size * config.max_completion_length)
     return Estimate(
         base_params=linear + bias + embeddings + norms,

@@ -12,6 +12,7 @@ import torch
 
 from qbco.config import build_config
 from qbco.data import collate, encode_all, load_feedback
+from qbco.fused_lora import unfuse_lora
 from qbco.loss import bco_loss
 from qbco.models import default_device, load_policy
 from qbco.shift import RewardShift
@@ -33,9 +34,7 @@ def straightforward_run(config):
     train_rows, _ = load_feedback(config.data, config.eval_fraction, config.seed)
     torch.manual_seed(config.seed)  # as train() does before loading: the same fresh adapters
     tokenizer, model, _ = load_policy(config, default_device())
-    for module in model.modules():  # peft's own LoRA forward, not qbco.fused_lora's
-        if "_peft_forward" in module.__dict__:
-            del module.__dict__["forward"], module.__dict__["_peft_forward"]
+    unfuse_lora(model)  # peft's own LoRA forward, not qbco.fused_lora's
     enc = encode_all(train_rows, tokenizer, config.max_prompt_length, config.max_completion_length)
     assert len(enc) <= config.batch_size
     b = collate(enc, list(range(len(enc))), tokenizer.pad_token_id)

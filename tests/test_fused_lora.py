@@ -9,7 +9,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from qbco.fused_lora import LoRALinear, fuse_lora
+from qbco.fused_lora import LoRALinear, fuse_lora, unfuse_lora
 from qbco.models import attach_lora, load_base
 
 CPU = torch.device("cpu")
@@ -18,9 +18,7 @@ CPU = torch.device("cpu")
 def unfused(model):
     """The same PeftModel with peft's own forward back on every layer (the instance attribute removed)."""
     twin = copy.deepcopy(model)
-    for module in twin.modules():
-        if "_peft_forward" in module.__dict__:
-            del module.__dict__["forward"], module.__dict__["_peft_forward"]
+    unfuse_lora(twin)
     return twin
 
 
