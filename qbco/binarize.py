@@ -9,22 +9,20 @@ dataset can be re-iterated) instead of holding rows in memory.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
 import numbers
 import os
 import re
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from qbco.errors import QbcoError
+from qbco.reader import detect_format, iter_rows
 
-FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
 MODES = ("likert", "pairs", "pairs-from-scores")
 DEFAULT_THRESHOLD = 4.0  # HelpSteer2 helpfulness 0-4: 4 is thumbs-up, 0-3 thumbs-down (the paper's mapping)
 SCORE_COLUMNS = ("helpfulness", "score", "rating")
@@ -104,153 +102,6 @@ class Summary:
         out["up_share"] = self.up_share
         out["dropped_total"] = self.dropped_total
         return out
-
-
-# ---------------------------------------------------------------- reading
-
-
-def detect_format(path: Path, fmt: str | None = None) -> str:
-    """The input format: --format when given, else the file extension."""
-    if fmt:
-        fmt = fmt.lower().lstrip(".")
-        if fmt not in FORMATS:
-            raise QbcoError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-        return fmt
-    suffix = path.suffix.lower().lstrip(".")
-    if suffix in FORMATS:
-        return suffix
-    raise QbcoError(f"{path}: cannot tell the format from '{path.suffix}'; pass --format ({', '.join(FORMATS)})")
-
-
-def read_rows(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(row number, row) pairs, one at a time. Row numbers count from 1: data records for csv/tsv (the
-    header is not a row), lines for jsonl, list elements for json, table rows for parquet."""
-    try:
-        if fmt in ("csv", "tsv"):
-            yield from _read_delimited(path, "," if fmt == "csv" else "\t")
-        else:
-            yield from {"jsonl": _read_jsonl, "json": _read_json_array, "parquet": _read_parquet}[fmt](path)
-    except UnicodeDecodeError as err:
-        raise QbcoError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8 and run again") from None
-    except FileNotFoundError:
-        raise QbcoError(f"input not found: {path}") from None
-
-
-def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    # One long response can pass the csv module's 128 KiB field limit; raise it (process-wide, harmless).
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    # utf-8-sig drops a BOM; newline="" lets csv handle CRLF and newlines inside quoted fields.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            return
-        header = [h.strip() for h in header]
-        repeated = sorted({h for h in header if header.count(h) > 1})
-        if repeated:
-            raise QbcoError(f"{path}: the header repeats column(s) {', '.join(repeated)}")
-        n = 0
-        for record in reader:
-            if not record:  # a blank line between records
-                continue
-            n += 1
-            if len(record) != len(header):
-                raise QbcoError(
-                    f"{path}: row {n} (ending on line {reader.line_num}) has {len(record)} fields, the header "
-                    f"{len(header)}; a field holding the delimiter, a quote or a newline must be in double quotes"
-                )
-            yield n, dict(zip(header, record))
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise QbcoError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise QbcoError(f"{path}: line {n} is a JSON {type(row).__name__}, expected an object")
-            yield n, row
-
-
-MAX_JSON_ELEMENT_CHARS = 64 << 20
-
-
-def _read_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Elements of a top-level JSON list of objects, decoded one at a time from a sliding buffer.
-
-    Memory is one read chunk plus the largest element, not the file. Limits: only a top-level list of
-    objects streams (anything else, say {"data": [...]}, is an error that suggests jsonl), and one element
-    may be at most 64 Mi characters, so that a broken element cannot pull the rest of the file into memory.
-    """
-    decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8-sig") as f:
-        buf, pos, eof = "", 0, False
-
-        def fill(need_more: bool) -> bool:
-            nonlocal buf, pos, eof
-            if eof:
-                return False
-            # Grow the read when one element does not fit, so a huge element costs O(n), not O(n^2).
-            chunk = f.read(max(chunk_chars, len(buf) - pos) if need_more else chunk_chars)
-            buf, pos = buf[pos:] + chunk, 0
-            eof = not chunk
-            return bool(chunk)
-
-        def skip_space() -> None:
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos] in " \t\r\n":
-                    pos += 1
-                if pos < len(buf) or not fill(False):
-                    return
-
-        skip_space()
-        if pos >= len(buf) or buf[pos] != "[":
-            raise QbcoError(f"{path}: expected a JSON list of rows ([{{...}}, ...]); for other shapes write jsonl")
-        pos += 1
-        n = 0
-        while True:
-            skip_space()
-            if pos >= len(buf):
-                raise QbcoError(f"{path}: the JSON list is not closed (file truncated?)")
-            if buf[pos] == "]":
-                return
-            if n > 0:
-                if buf[pos] != ",":
-                    raise QbcoError(f"{path}: expected ',' or ']' after element {n}")
-                pos += 1
-                skip_space()
-            n += 1
-            while True:
-                try:
-                    row, end = decoder.raw_decode(buf, pos)
-                    break
-                except json.JSONDecodeError as err:
-                    if len(buf) - pos > MAX_JSON_ELEMENT_CHARS or not fill(True):
-                        raise QbcoError(f"{path}: element {n} is not valid JSON ({err.msg}) or is over "
-                                        f"{MAX_JSON_ELEMENT_CHARS >> 20} Mi characters") from None
-            if not isinstance(row, dict):
-                raise QbcoError(f"{path}: element {n} is a JSON {type(row).__name__}, expected an object")
-            pos = end
-            yield n, row
-
-
-def _read_parquet(path: Path, batch_rows: int = 1024) -> Iterator[tuple[int, dict[str, Any]]]:
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow has its own error types for corrupt files
-        raise QbcoError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from None
-    n = 0
-    for batch in parquet.iter_batches(batch_size=batch_rows):
-        for row in batch.to_pylist():
-            n += 1
-            yield n, row
 
 
 # ---------------------------------------------------------------- row-level conversion (shared with registry)
@@ -621,7 +472,7 @@ def binarize(input_path: Path | str, output_path: Path | str, options: Options |
     src, dst = Path(input_path), Path(output_path)
     fmt = detect_format(src, fmt)
     if not src.is_file():
-        raise QbcoError(f"input not found: {src}")
+        raise QbcoError(f"data file not found: {src}")
     if dst.exists() and dst.resolve() == src.resolve():
         raise QbcoError(f"{dst}: the output would replace the input; choose another -o")
     if dst.exists() and not overwrite:
@@ -629,7 +480,7 @@ def binarize(input_path: Path | str, output_path: Path | str, options: Options |
     dst.parent.mkdir(parents=True, exist_ok=True)
 
     summary = Summary(input=str(src), output=str(dst), mode=options.mode)
-    rows = binarize_rows(lambda: read_rows(src, fmt), src.name, options, summary)
+    rows = binarize_rows(lambda: iter_rows(src, fmt), src.name, options, summary)
     temps: list[Path] = []
     try:
         temps.append(_write_temp(dst, (json.dumps(r, ensure_ascii=False) + "\n" for r in rows)))

@@ -78,7 +78,7 @@ def main() -> None:
 @app.command()
 def train(
     model: Optional[str] = typer.Option(None, help="Model: smollm2-135m (offline), qwen2.5-3b, qwen2.5-7b, llama-3.2-3b, llama-3.1-8b, a local folder or a hub id. (default: smollm2-135m)"),
-    data: Optional[str] = typer.Option(None, help="Feedback: 'demo' (bundled), a registered name (qbco datasets) or a .jsonl/.json/.csv/.parquet file with prompt, completion, label. (default: demo)"),
+    data: Optional[str] = typer.Option(None, help="Feedback: 'demo' (bundled), a registered name (qbco datasets) or a .jsonl/.json/.csv/.tsv/.parquet file with prompt, completion, label. (default: demo)"),
     recipe: Optional[Path] = typer.Option(None, help="A YAML recipe (recipes/*.yaml) that supplies defaults; flags override it."),
     output: Optional[str] = typer.Option(None, help="Run folder. (default: runs/<model>-<data>-<timestamp>)"),
     loss: Optional[str] = typer.Option(None, help="bco (reward shift delta, Eq. 7), bce (delta fixed at 0), kto (Ethayarajh et al. 2024) or dpo (pairs of rows sharing a prompt). (default: bco)"),

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import random
+from collections import defaultdict
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterator, Sequence
 
 import torch
 
@@ -16,11 +16,10 @@ from qbco.errors import QbcoError
 
 TRUE_LABELS = {"true", "1", "up", "thumbs_up", "thumbsup", "yes", "positive", "good"}
 FALSE_LABELS = {"false", "0", "down", "thumbs_down", "thumbsdown", "no", "negative", "bad"}
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 def normalize_label(value: Any) -> bool:
-    """Every accepted spelling of a label as a bool (PITFALLS 14: never compare labels by identity)."""
+    """Every accepted spelling of a label as a bool (docs/pitfalls.md, 14: never compare labels by identity)."""
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
@@ -81,56 +80,21 @@ def rows_to_examples(rows: list[dict[str, Any]], origin: str) -> list[Example]:
     return examples
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a local .jsonl / .json / .csv / .parquet file, as dicts."""
-    if not path.is_file():
-        raise QbcoError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            rows = []
-            with path.open(encoding="utf-8-sig") as f:
-                for n, line in enumerate(f, start=1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as err:
-                            raise QbcoError(f"{path}: line {n}: not valid JSON ({err.msg})") from None
-            return rows
-        if suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8-sig"))
-            except json.JSONDecodeError as err:
-                raise QbcoError(f"{path}: not valid JSON at line {err.lineno} ({err.msg})") from None
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if not isinstance(data, list):
-                raise QbcoError(f"{path}: expected a JSON list of rows")
-            return data
-        if suffix == ".csv":
-            with path.open(encoding="utf-8-sig", newline="") as f:
-                return list(csv.DictReader(f))
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-    except UnicodeDecodeError:
-        raise QbcoError(f"{path}: not UTF-8 text") from None
-    except OSError as err:
-        raise QbcoError(f"{path}: cannot read ({err})") from None
-    except Exception as err:  # pyarrow raises its own types for truncated or corrupt files
-        if isinstance(err, QbcoError):
-            raise
-        raise QbcoError(f"{path}: unreadable {suffix[1:]} file ({type(err).__name__})") from None
-    raise QbcoError(f"{path}: unsupported file type '{suffix}' (use {', '.join(SUFFIXES)})")
-
-
 def read_demo() -> tuple[list[Example], list[Example]]:
     """The bundled demo set, already split by prompt (scripts/make_demo.py writes it)."""
     text = resources.files("qbco").joinpath("resources/demo.jsonl").read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     examples = rows_to_examples(rows, "demo")
     return [e for e in examples if e.extra["split"] == "train"], [e for e in examples if e.extra["split"] == "eval"]
+
+
+def prompt_pairs(prompt_keys: Sequence[Hashable], labels: Sequence[bool]) -> list[tuple[int, int]]:
+    """(chosen, rejected) row indices: every (thumbs-up, thumbs-down) combination of rows sharing a prompt,
+    prompts in order of first appearance. DPO trains on these and `qbco eval` scores them."""
+    groups: dict[Hashable, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    for i, (key, label) in enumerate(zip(prompt_keys, labels)):
+        groups[key][0 if label else 1].append(i)
+    return [(w, l) for ups, downs in groups.values() for w in ups for l in downs]
 
 
 def split_by_prompt(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -155,6 +119,7 @@ def load_feedback(data: str, eval_fraction: float | None, seed: int) -> tuple[li
         train, own_eval = read_demo()
         return _resplit(train, own_eval, eval_fraction, seed)
     from qbco import registry
+    from qbco.reader import FORMATS, read_rows
 
     if registry.is_registered(data):
         train_rows, eval_rows = registry.load_registered(data)
@@ -162,7 +127,7 @@ def load_feedback(data: str, eval_fraction: float | None, seed: int) -> tuple[li
         own_eval = rows_to_examples(eval_rows, f"{data}:eval") if eval_rows else None
     else:
         path = Path(data).expanduser()
-        if not path.exists() and path.suffix.lower() not in SUFFIXES:
+        if not path.exists() and path.suffix.lower().lstrip(".") not in FORMATS:
             names = ", ".join(["demo", *registry.DATASETS])
             raise QbcoError(f"--data {data!r} is neither a file nor a registered dataset ({names})")
         train = rows_to_examples(read_rows(path), str(path))

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from qbco import metrics
-from qbco.data import Example, encode_all, load_feedback, read_rows, rows_to_examples
+from qbco.data import Example, encode_all, load_feedback, prompt_pairs, rows_to_examples
 from qbco.errors import QbcoError
 from qbco.loss import implicit_rewards
+from qbco.reader import read_rows
 from qbco.shift import RewardShift
 
 
@@ -51,7 +52,7 @@ def eval_examples(config, data: str | None) -> tuple[list[Example], list[tuple[i
     else:
         _, examples = load_feedback(data, None, config.seed)
         described = f"held-out part of {data}"
-    return examples, metrics.prompt_pairs([e.prompt_key for e in examples], [e.label for e in examples]), described
+    return examples, prompt_pairs([e.prompt_key for e in examples], [e.label for e in examples]), described
 
 
 def run_delta(run_dir: Path, config) -> float:

@@ -57,8 +57,9 @@ def is_run(path: Path) -> bool:
 
 def read_prompts(prompts: list[str] | None, data: str | None, limit: int) -> list:
     """--prompt texts as given, or the first `limit` distinct prompts of --data ('demo': its held-out part,
-    or a .jsonl/.json/.csv/.parquet file with a prompt column)."""
-    from qbco.data import read_demo, read_rows
+    or a .jsonl/.json/.csv/.tsv/.parquet file with a prompt column)."""
+    from qbco.data import read_demo
+    from qbco.reader import read_rows
 
     if prompts and data:
         raise QbcoError("give --prompt or --data, not both")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Hashable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -142,15 +142,6 @@ def _logit(p: float) -> float | None:
 
 
 # ---------------------------------------------------------------- pairs
-
-
-def prompt_pairs(prompt_keys: Sequence[Hashable], labels) -> list[tuple[int, int]]:
-    """(chosen, rejected) row indices: every (thumbs-up, thumbs-down) combination of rows sharing a prompt."""
-    y = _labels(labels)
-    groups: dict[Hashable, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-    for i, key in enumerate(prompt_keys):
-        groups[key][0 if y[i] else 1].append(i)
-    return [(w, l) for ups, downs in groups.values() for w in ups for l in downs]
 
 
 def pair_figures(rewards, pairs: Sequence[tuple[int, int]], delta: float) -> dict | None:

@@ -87,7 +87,11 @@ def test_eval_of_the_held_out_part_agrees_with_the_training_log(bco_run, data_fi
 
     # The held-out rows, split here as training split them: every (up, down) combination within a prompt is a pair.
     _, held = load_feedback(str(data_file), 0.25, 0)
-    expected_pairs = len(metrics.prompt_pairs([e.prompt_key for e in held], [e.label for e in held]))
+    per_prompt: dict = {}
+    for e in held:
+        ups, downs = per_prompt.get(e.prompt_key, (0, 0))
+        per_prompt[e.prompt_key] = (ups + e.label, downs + (not e.label))
+    expected_pairs = sum(ups * downs for ups, downs in per_prompt.values())
     assert len(held) == binary["rows"] and pairs["pairs"] == expected_pairs > 0
     assert pairs["bce_loss"] >= pairs["dpo_loss"] and pairs["bce_minus_dpo"] >= 0  # Theorem 1
     assert pairs["reward_accuracy"] >= 0.9

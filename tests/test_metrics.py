@@ -108,7 +108,9 @@ def test_prompt_pairs_are_every_up_down_combination_within_a_prompt():
     """prompt a: up 0, downs 1 and 2 -> (0,1), (0,2); prompt b: up 3, down 4 -> (3,4); prompt c: only ups -> none."""
     keys = ["a", "a", "a", "b", "b", "c", "c"]
     labels = [T, Fa, Fa, T, Fa, T, T]
-    assert metrics.prompt_pairs(keys, labels) == [(0, 1), (0, 2), (3, 4)]
+    from qbco.data import prompt_pairs
+
+    assert prompt_pairs(keys, labels) == [(0, 1), (0, 2), (3, 4)]
 
 
 def test_pair_figures_by_hand():

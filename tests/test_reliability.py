@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import separable_rows
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import separable_rows
 from qbco.checkpoint import checkpoint_dirs
 from qbco.cli import app
 from qbco.config import build_config
@@ -38,6 +38,7 @@ def bad_inputs(tmp: Path, model_dir: Path) -> dict:
     (tmp / "truncated.json").write_text('[{"prompt": "a", "completion": "b", "label": tr', encoding="utf-8")
     (tmp / "badline.jsonl").write_text(json.dumps(good[0]) + "\n{\"prompt\": \"x\",\n", encoding="utf-8")
     (tmp / "latin1.csv").write_bytes("prompt,completion,label\ncaf\xe9,ok,1\n".encode("latin-1"))
+    (tmp / "fields.csv").write_text("prompt,completion,label\nq,ok,1\nhello, world,ok,0\n", encoding="utf-8")
     (tmp / "truncated.parquet").write_bytes(b"PAR1\x00\x00garbage")
     write_jsonl(tmp / "columns.jsonl", [{"question": "q", "answer": "a", "label": 1}])
     write_jsonl(tmp / "labels.jsonl", good[:2] + [{"prompt": "p", "completion": "c", "label": "maybe"}])
@@ -60,6 +61,7 @@ def bad_inputs(tmp: Path, model_dir: Path) -> dict:
         "truncated json": (m + ["--data", str(tmp / "truncated.json")], "not valid JSON at line 1"),
         "bad jsonl line": (m + ["--data", str(tmp / "badline.jsonl")], "line 2: not valid JSON"),
         "not utf-8": (m + ["--data", str(tmp / "latin1.csv")], "not UTF-8 text"),
+        "bad csv row": (m + ["--data", str(tmp / "fields.csv")], "row 2 (ending on line 3) has 4 fields, the header 3"),
         "truncated parquet": (m + ["--data", str(tmp / "truncated.parquet")], "unreadable parquet file"),
         "unknown columns": (m + ["--data", str(tmp / "columns.jsonl")], "missing column(s) prompt, completion (found: question, answer, label)"),
         "bad label": (m + ["--data", str(tmp / "labels.jsonl")], "row 3, column label: 'maybe' is not a thumbs-up/down label"),
@@ -84,7 +86,7 @@ def bad_inputs(tmp: Path, model_dir: Path) -> dict:
 
 
 CASES = [
-    "missing file", "truncated json", "bad jsonl line", "not utf-8", "truncated parquet", "unknown columns", "bad label",
+    "missing file", "truncated json", "bad jsonl line", "bad csv row", "not utf-8", "truncated parquet", "unknown columns", "bad label",
     "empty dataset", "empty after split", "one class", "empty prompt", "empty completion", "invalid yaml",
     "unknown recipe key", "beta", "lr", "lora r", "length", "eval fraction", "unknown model", "output holds a run",
     "output holds other files", "resume without a run", "resume with flags",
