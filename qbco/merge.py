@@ -2,7 +2,7 @@
 
 The adapter was trained on top of the NF4-dequantized weights, not the checkpoint's float weights, so by
 default it is merged into those ('dequantized'); 'original' merges into the checkpoint as it was. Never
-into 4-bit weights: that rounds the update away (PITFALLS 7). docs/merge.md has the measured figures.
+into 4-bit weights: that rounds the update away (docs/pitfalls.md, 7). docs/merge.md has the measured figures.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from qbco.models import (
     resolve_model,
 )
 from qbco.run_folder import atomic_folder
+from qbco.run_log import Metrics, read_metrics
 
 BASES = ("dequantized", "original")
 DEFAULT_BASE = "dequantized"  # measured closer to the trained model: docs/merge.md
@@ -92,7 +93,7 @@ def merge_dtype(name: str) -> torch.dtype:
     if name in MERGE_DTYPES:
         return MERGE_DTYPES[name]
     if name.lower() in ("4bit", "nf4", "int4", "fp4", "int8", "8bit"):
-        raise QbcoError(f"cannot merge into {name} weights: the LoRA update is rounded away (PITFALLS 7); use --dtype bf16")
+        raise QbcoError(f"cannot merge into {name} weights: the LoRA update is rounded away (docs/pitfalls.md, 7); use --dtype bf16")
     raise QbcoError(f"--dtype must be one of {', '.join(MERGE_DTYPES)} (got {name!r})")
 
 
@@ -194,7 +195,7 @@ def dequantize_into(float_model: torch.nn.Module, quantized: torch.nn.Module) ->
 
 
 def check_adapter(run_dir: Path, model_config) -> None:
-    """Refuse an adapter on a tied lm_head / embed_tokens: merged, it would change both (PITFALLS 12)."""
+    """Refuse an adapter on a tied lm_head / embed_tokens: merged, it would change both (docs/pitfalls.md, 12)."""
     adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
     targets = adapter.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
@@ -279,28 +280,12 @@ def verify(folder: Path, rows: list[Encoded], reference: list[torch.Tensor], dty
     return Verification(max_abs, mean_abs, rtol * scale_max, rtol * scale_mean, rtol, adapter_effect, len(rows), positions)
 
 
-def read_metrics(run_dir: Path) -> tuple[dict | None, dict | None]:
-    """(last training step, held-out eval line) of RUN/metrics.jsonl; None where missing."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None, None
-    lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:  # a blank line, or the half line an interrupted run left
-            continue
-    lines = [m for m in lines if isinstance(m, dict)]
-    steps = [m for m in lines if "split" not in m]
-    evals = [m for m in lines if m.get("split") == "eval"]
-    return (steps[-1] if steps else None), (evals[-1] if evals else None)
-
-
 def model_card(run_dir: Path, output: Path, config: TrainConfig, base: str, dtype: str,
                verification: Verification | None, fid: Fidelity) -> str:
     """README.md of the merged folder, from the run's config.yaml and metrics.jsonl."""
     hub = hub_id(config.model)
-    last, ev = read_metrics(run_dir)
+    log = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else Metrics()
+    last, ev = log.last_step, log.eval
     front = {"library_name": "transformers", "tags": ["qbco", "bco", "lora", "merged"]}
     if hub:
         front["base_model"] = hub

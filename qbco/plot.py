@@ -5,7 +5,6 @@ matplotlib's object API on the Agg canvas: no pyplot, no display, no global back
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -26,24 +25,12 @@ def _figure(width: float, height: float):
 
 def read_steps(run_dir: str | Path) -> tuple[list[dict], dict | None]:
     """(one record per optimizer step, the eval record or None) of RUN/metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise QbcoError(f"{path} not found: is {run_dir} a qbco run folder?")
-    steps, evaluation = [], None
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise QbcoError(f"{path}: line {n} is not JSON (a run still writing, or a damaged file)") from None
-        if record.get("split") == "eval":
-            evaluation = record
-        else:
-            steps.append(record)
-    if not steps:
-        raise QbcoError(f"{path} holds no training steps yet")
-    return steps, evaluation
+    from qbco.run_log import read_metrics
+
+    metrics = read_metrics(Path(run_dir))
+    if not metrics.steps:
+        raise QbcoError(f"{Path(run_dir) / 'metrics.jsonl'} holds no training steps yet")
+    return metrics.steps, metrics.eval
 
 
 def _values(steps: list[dict], key: str) -> list[float]:

@@ -17,13 +17,10 @@ from pathlib import Path
 
 from qbco.config import build_config
 from qbco.evaluate import evaluate
+from qbco.run_log import read_metrics
 from qbco.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def read_steps(run: Path) -> list[dict]:
-    return [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "split" not in m]
 
 
 def fmt(value, digits=3, signed=False):
@@ -47,7 +44,7 @@ def main() -> None:
         if not (run / "adapter").is_dir():  # a finished run (say, completed with `qbco train --resume`) is kept
             config = build_config(loss=loss, balance=balance or "none", lr=args.lr, output=str(run))
             train(config, log=lambda m, name=name: print(f"[{name}] {m}", flush=True))
-        steps = read_steps(run)
+        steps = read_metrics(run).steps
         report = evaluate(run, log=lambda m: None)
         overall = report["overall"]
         binary, pairs, drift = overall["binary"], overall["pairs"] or {}, overall["drift"]

@@ -1,0 +1,83 @@
+"""RUN/metrics.jsonl, the run's log: one JSON line per optimizer step, then one `"split": "eval"` line with the
+held-out figures. Every reader (`qbco plot`, `qbco merge`'s model card, resume, the tests) goes through
+`read_metrics`, and there is one rule for a damaged file: a half-written last line, what a run killed while
+writing leaves, is skipped when reading and cut off by `keep_steps` before a resumed run appends; an
+unreadable line anywhere else is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qbco.errors import QbcoError
+
+FILE = "metrics.jsonl"
+
+
+@dataclass
+class Metrics:
+    steps: list[dict] = field(default_factory=list)  # one record per optimizer step, in order
+    eval: dict | None = None  # the last held-out record
+
+    @property
+    def last_step(self) -> dict | None:
+        return self.steps[-1] if self.steps else None
+
+
+def read_metrics(path: str | Path) -> Metrics:
+    """The records of a metrics.jsonl; a missing file is an error that says what was expected there."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILE
+    if not path.is_file():
+        raise QbcoError(f"{path} not found: is {path.parent} a qbco run folder?")
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    metrics = Metrics()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):  # the last line has no newline after it: a write that never finished
+                continue
+            raise QbcoError(f"{path}: line {n} is not JSON (a damaged file)") from None
+        if not isinstance(record, dict):
+            raise QbcoError(f"{path}: line {n} is not a JSON object (a damaged file)")
+        if record.get("split") == "eval":
+            metrics.eval = record
+        else:
+            metrics.steps.append(record)
+    return metrics
+
+
+def keep_steps(path: Path, step: int) -> None:
+    """Before a resumed run appends: keep the step records up to `step` (the checkpoint's); later steps, the
+    held-out line and a half-written last line go. Written beside and renamed, so a crash here loses nothing."""
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(path).steps if r["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Appends one record per line, flushed at once, so a reader (or a kill) sees whole lines but the last."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
