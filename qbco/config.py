@@ -12,7 +12,6 @@ import yaml
 
 from qbco.errors import QbcoError
 
-LOSSES = ("bco", "bce", "kto", "dpo")
 BALANCES = ("none", "oversample", "weight")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
@@ -24,7 +23,7 @@ class TrainConfig:
     model: str = "smollm2-135m"
     data: str = "demo"
     output: str | None = None  # None: runs/<model>-<data>-<timestamp>
-    loss: str = "bco"  # bco: reward shift delta (Eq. 7); bce: delta fixed at 0; kto; dpo (pairs by prompt)
+    loss: str = "bco"  # a name in qbco.objectives.OBJECTIVES: bco (reward shift, Eq. 7), bce (delta 0), kto, dpo
     balance: str = "none"  # none | oversample (repeat minority-class rows) | weight (dataset-share class weights)
     beta: float = 0.1
     lr: float = 3e-4
@@ -54,6 +53,8 @@ class TrainConfig:
     trust_remote_code: bool = False  # run a hub model's own Python code
 
     def validate(self) -> "TrainConfig":
+        from qbco.objectives import OBJECTIVES
+
         checks = [
             (self.beta > 0, f"beta must be > 0 (got {self.beta})"),
             (self.lr > 0, f"lr must be > 0 (got {self.lr})"),
@@ -79,7 +80,7 @@ class TrainConfig:
             (self.save_every >= 1, f"save_every must be >= 1 (got {self.save_every})"),
             (self.keep >= 1, f"keep must be >= 1 (got {self.keep})"),
             (self.logprob_chunk is None or self.logprob_chunk >= 1, f"logprob_chunk must be >= 1 (got {self.logprob_chunk})"),
-            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)} (got {self.loss!r})"),
+            (self.loss in OBJECTIVES, f"loss must be one of {', '.join(OBJECTIVES)} (got {self.loss!r})"),
             (self.balance in BALANCES, f"balance must be one of {', '.join(BALANCES)} (got {self.balance!r})"),
             (
                 self.loss != "dpo" or self.balance == "none",

@@ -21,7 +21,7 @@ def default_output(config: TrainConfig) -> Path:
     return Path("runs") / f"{model}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_output(out: Path, overwrite: bool) -> None:
+def check_run_folder(out: Path, overwrite: bool) -> None:
     """A new run goes into a missing or empty folder; one that holds a run needs --overwrite (or --resume)."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
@@ -31,15 +31,6 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise QbcoError(f"--output {out} is not empty and holds no qbco run; choose another folder")
     if not overwrite:
         raise QbcoError(f"--output {out} already holds a run; continue it with --resume {out} or replace it with --overwrite")
-
-
-def keep_metrics(path: Path, step: int) -> None:
-    """On resume: keep the per-step lines up to the checkpoint's step; later lines are redone."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("split") is None and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def save_adapter(model, tokenizer, folder: Path, shift: RewardShift) -> None:
