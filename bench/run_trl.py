@@ -29,7 +29,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def disable_cpu_repack(model) -> int:
-    """The guard qbco applies (PITFALLS 13): without it, TRL's precompute pass runs the 4-bit layers in eval
+    """The guard qbco applies (docs/pitfalls.md, 13): without it, TRL's precompute pass runs the 4-bit layers in eval
     mode without grad on a CPU with avx512bf16, bitsandbytes repacks their weights for an inference kernel
     that has no backward, and every later LoRA gradient through them is silently wrong. With it both tools
     train correctly and the comparison is of correct training."""

@@ -2,7 +2,7 @@
 
 Policy, reference, evaluation and the benchmark all call `completion_logps`. It runs the decoder once,
 keeps the hidden states only at positions that predict a completion token, and applies the LM head to
-those in chunks, so full [batch, length, vocab] logits never exist (PITFALLS 6).
+those in chunks, so full [batch, length, vocab] logits never exist (docs/pitfalls.md, 6).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Model Alignment", arXiv 2404.04656).
 
 BCE is the same loss with delta = 0. Each expectation is a mean over that class; under gradient
 accumulation the class counts of the whole window are the denominators, so that a window of micro-batches
-gives exactly the update of one big batch (PITFALLS 1).
+gives exactly the update of one big batch (docs/pitfalls.md, 1).
 """
 
 from __future__ import annotations

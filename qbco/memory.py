@@ -1,4 +1,4 @@
-"""A memory estimate from the model's config, printed before anything is loaded (PITFALLS 11): what the
+"""A memory estimate from the model's config, printed before anything is loaded (docs/pitfalls.md, 11): what the
 weights, the adapters with their optimizer state, the activations and the log-prob chunk will take, each
 with the knob that shrinks it. Parameter counts are exact for llama-style decoders; activations are rough."""
 

@@ -24,7 +24,7 @@ MODEL_ALIASES = {
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Never LoRA these: a LoRA on a tied lm_head changes the input embeddings too (PITFALLS 12).
+# Never LoRA these: a LoRA on a tied lm_head changes the input embeddings too (docs/pitfalls.md, 12).
 EXCLUDED_TARGETS = ("lm_head", "embed_tokens")
 
 
@@ -137,7 +137,7 @@ def load_base(path: str, load_in_4bit: bool, dtype: torch.dtype, device: torch.d
 
 
 def disable_cpu_repack(model: torch.nn.Module) -> int:
-    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel (PITFALLS 13).
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel (docs/pitfalls.md, 13).
 
     Linear4bit.forward repacks its weight the first time it runs on the CPU in eval mode with an input
     that does not require grad; the repacked weight then goes through a kernel with no backward and every
@@ -173,7 +173,7 @@ def attach_lora(model, r: int, alpha: int, dropout: float, targets: str, gradien
 
     if gradient_checkpointing:
         # Non-reentrant checkpointing gives LoRA gradients even though no input requires grad
-        # (the reentrant kind trains nothing: PITFALLS 8).
+        # (the reentrant kind trains nothing: docs/pitfalls.md, 8).
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

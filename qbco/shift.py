@@ -6,8 +6,8 @@
 
 Both means start at 0, which is exact: the adapters start at B = 0, so r = 0 for every row at step 0.
 delta is read frozen for a whole optimizer step and updated once after it from every reward of the
-accumulation window (PITFALLS 1); a window with one class updates only that class's mean. Per-class
-means keep delta from leaning to the majority class, as a mean over all rewards would (PITFALLS 2).
+accumulation window (docs/pitfalls.md, 1); a window with one class updates only that class's mean. Per-class
+means keep delta from leaning to the majority class, as a mean over all rewards would (docs/pitfalls.md, 2).
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ from qbco.allocator import ENV, mimalloc_library, restart_environment
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or mimalloc_library() is None,
                                 reason="mimalloc is a dependency on x86-64 Linux only")
 
-CHILD = "from qbco.allocator import restart_under_mimalloc, active\nrestart_under_mimalloc()\nimport os\nprint(active(), os.getpid(), os.environ.get('MIMALLOC_PURGE_DELAY'))\n"
+CHILD = (
+    "from qbco.allocator import restart_under_mimalloc, active\nrestart_under_mimalloc()\nimport os\n"
+    "print(active(), os.getpid(), os.environ.get('MIMALLOC_PURGE_DELAY'))\n"
+)
 
 
 def test_the_environment_preloads_mimalloc_and_keeps_what_the_user_set():

@@ -44,7 +44,7 @@ def test_one_class_batch_by_hand():
 
 
 def test_integer_labels_are_not_compared_by_identity():
-    """0/1 labels give the same loss as booleans (TRL split batches with `label is True`: PITFALLS 14)."""
+    """0/1 labels give the same loss as booleans (TRL split batches with `label is True`: docs/pitfalls.md, 14)."""
     pol, ref = torch.tensor([1.0, -1.0, 0.5]), torch.zeros(3)
     a = bco_loss(pol, ref, torch.tensor([1, 0, 1]), delta=0.1, beta=1.0).loss
     b = bco_loss(pol, ref, torch.tensor([T, Fa, T]), delta=0.1, beta=1.0).loss
@@ -96,7 +96,7 @@ def test_shift_ema_over_steps_by_hand():
 
 
 def test_shift_does_not_lean_to_the_majority_class():
-    """A 90/10 stream and a 50/50 stream with the same class means give the same delta (PITFALLS 2).
+    """A 90/10 stream and a 50/50 stream with the same class means give the same delta (docs/pitfalls.md, 2).
     A mean over all rewards would give 0.8 for the first and 0 for the second after convergence."""
     imbalanced, balanced = RewardShift(0.5), RewardShift(0.5)
     for _ in range(30):

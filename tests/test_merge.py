@@ -1,6 +1,6 @@
 """qbco merge on a tiny random llama trained a few steps on a 4-bit base: the merged folder loads without
 peft and answers like the trained model, the dequantized base is measured closer to the trained model than
-the original one (PITFALLS 7), and an interrupted or failed merge leaves nothing that looks finished."""
+the original one (docs/pitfalls.md, 7), and an interrupted or failed merge leaves nothing that looks finished."""
 
 import json
 
@@ -49,7 +49,7 @@ def test_merged_folder_loads_without_peft_and_answers_like_the_trained_model(run
 
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(plain).__name__ == "LlamaForCausalLM"
-    # The tied head is still the embedding matrix (LoRA never touches either: PITFALLS 12).
+    # The tied head is still the embedding matrix (LoRA never touches either: docs/pitfalls.md, 12).
     assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight
 
     # Against the trained model itself, 4-bit base + adapter as load_run gives it: same logits.
@@ -165,7 +165,7 @@ def test_refusals_name_the_fix(run_dir, tmp_path):
 
 
 def test_adapter_on_a_tied_head_is_refused(tmp_path):
-    """Merged into a tied lm_head, a LoRA update would change the input embeddings too (PITFALLS 12)."""
+    """Merged into a tied lm_head, a LoRA update would change the input embeddings too (docs/pitfalls.md, 12)."""
     from types import SimpleNamespace
 
     (tmp_path / "adapter").mkdir()

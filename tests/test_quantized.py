@@ -1,15 +1,14 @@
 """4-bit NF4 correctness on the CPU: LoRA gradients through bitsandbytes equal those through a float base
-that holds the same dequantized weights, also after a no-grad evaluation pass (PITFALLS 13), and
-gradient checkpointing still trains every adapter (PITFALLS 8)."""
+that holds the same dequantized weights, also after a no-grad evaluation pass (docs/pitfalls.md, 13), and
+gradient checkpointing still trains every adapter (docs/pitfalls.md, 8)."""
 
 import bitsandbytes as bnb
 import pytest
 import torch
 
 from qbco.data import Encoded
-from qbco.logprobs import completion_logps
+from qbco.logprobs import completion_logps, dataset_logps
 from qbco.models import attach_lora, load_base
-from qbco.logprobs import dataset_logps
 
 CPU = torch.device("cpu")
 
@@ -35,7 +34,7 @@ def with_lora(model, checkpointing=True):
     peft_model = attach_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear", gradient_checkpointing=checkpointing)
     torch.manual_seed(8)  # non-zero A and B, identical in both models, so every adapter gets a gradient
     with torch.no_grad():
-        for name, p in sorted(peft_model.named_parameters()):
+        for _name, p in sorted(peft_model.named_parameters()):
             if p.requires_grad:
                 p.copy_(torch.randn_like(p) * 0.05)
     peft_model.train()
@@ -79,7 +78,7 @@ def test_lora_gradients_on_4bit_equal_the_dequantized_float_base(models):
 
 def test_gradients_stay_right_after_a_no_grad_eval_pass(models):
     """An evaluation / reference pass runs the 4-bit layers in eval mode without grad; on a CPU with
-    avx512bf16 bitsandbytes would repack the weights for a kernel with no backward (PITFALLS 13)."""
+    avx512bf16 bitsandbytes would repack the weights for a kernel with no backward (docs/pitfalls.md, 13)."""
     q_model, f_model = models
     ids, attn, comp = inputs()
     rows = [Encoded(ids[i, :6].tolist(), ids[i, 6:].tolist(), True, False, False) for i in range(3)]
@@ -91,7 +90,7 @@ def test_gradients_stay_right_after_a_no_grad_eval_pass(models):
 
 def test_checkpointing_gives_every_fresh_lora_b_a_gradient(tiny_model_dir):
     """Fresh adapters (B = 0) under non-reentrant checkpointing: after one backward every lora_B has a
-    non-zero gradient (the reentrant kind leaves them at None: PITFALLS 8)."""
+    non-zero gradient (the reentrant kind leaves them at None: docs/pitfalls.md, 8)."""
     torch.manual_seed(0)
     base = load_base(str(tiny_model_dir), load_in_4bit=True, dtype=torch.float32, device=CPU)
     model = attach_lora(base, r=4, alpha=8, dropout=0.0, targets="all-linear", gradient_checkpointing=True)

@@ -50,7 +50,7 @@ def test_tiny_llama_learns_separable_feedback(tmp_path, tiny_model_dir, separabl
 
 
 def test_accumulation_gives_the_same_update_as_one_big_batch(tmp_path, tiny_model_dir, separable_file):
-    """Batch 8 x accumulation 1 and batch 2 x accumulation 4: same losses, deltas and adapter (PITFALLS 1)."""
+    """Batch 8 x accumulation 1 and batch 2 x accumulation 4: same losses, deltas and adapter (docs/pitfalls.md, 1)."""
     common = dict(max_steps=3, epochs=1, load_in_4bit=False)
     a = run(tmp_path, "big", tiny_model_dir, separable_file, batch_size=8, grad_accum=1, **common)
     b = run(tmp_path, "accum", tiny_model_dir, separable_file, batch_size=2, grad_accum=4, **common)
