@@ -215,18 +215,28 @@ def eval_(
     data: Optional[str] = typer.Option(None, help="Rows to score: a file (every row; prompt/completion/label or prompt/chosen/rejected) or a name (its held-out part). (default: the run's held-out part)"),
     slice_by: Optional[str] = typer.Option(None, help="Also report every figure per value of this column (e.g. task in the demo data)."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per scoring batch. (default: the run's batch size)"),
+    generate: bool = typer.Option(False, "--generate", help="Also answer the rows' prompts with base and tuned (greedy, seeded): RUN_DIR/eval/generations.jsonl, answer changes, rewards and task success where rows carry a check (docs/eval.md)."),
+    max_new_tokens: int = typer.Option(128, help="With --generate: most tokens per answer."),
+    max_prompts: Optional[int] = typer.Option(None, help="With --generate: answer only the first N distinct prompts. (default: all)"),
 ) -> None:
     """Score feedback with a run: classification, calibration, pairs, drift; writes RUN_DIR/eval/."""
     restart_under_mimalloc()
     with user_errors():
-        from qbco.evaluate import evaluate, summary_table
+        from qbco.evaluate import evaluate, generation_table, summary_table
+        from qbco.generate import Sampling
 
         if batch_size is not None and batch_size < 1:
             raise QbcoError(f"--batch-size must be >= 1 (got {batch_size})")
+        if max_prompts is not None and max_prompts < 1:
+            raise QbcoError(f"--max-prompts must be >= 1 (got {max_prompts})")
+        sampling = Sampling(max_new_tokens=max_new_tokens).validate() if generate else None
         _quiet_libraries()
         report = evaluate(run_dir, data=data, slice_by=slice_by, batch_size=batch_size,
-                          log=lambda message: console.print(message, highlight=False))
+                          log=lambda message: console.print(message, highlight=False), generate=sampling,
+                          max_prompts=max_prompts)
     Console().print(summary_table(report))
+    if generate:
+        Console().print(generation_table(report))
     for path in report["files"]:
         console.print(f"wrote {path}", highlight=False)
 

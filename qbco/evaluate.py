@@ -1,5 +1,7 @@
 """`qbco eval`: score feedback rows with a finished run (one no-grad pass of the policy, one of the
-reference) and write RUN/eval/: metrics.json, reliability.png and scores.jsonl (one line per row)."""
+reference) and write RUN/eval/: metrics.json, reliability.png and scores.jsonl (one line per row). With
+--generate also answer the rows' prompts with base and tuned and write generations.jsonl: how the answers
+changed, their rewards under the run and, where rows carry a check (qbco.tasks), task success."""
 
 from __future__ import annotations
 
@@ -67,8 +69,11 @@ def run_delta(run_dir: Path, config) -> float:
     return shift.delta
 
 
-def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None = None, batch_size: int | None = None, log=print) -> dict:
-    """Score the rows, compute every figure (overall and per slice), write RUN/eval/; returns the report."""
+def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None = None, batch_size: int | None = None, log=print,
+             generate=None, max_prompts: int | None = None) -> dict:
+    """Score the rows, compute every figure (overall and per slice), write RUN/eval/; returns the report.
+    `generate`: a qbco.generate.Sampling to also answer the rows' prompts (the first `max_prompts` distinct
+    ones, default all) with base and tuned (answers())."""
     from qbco.logprobs import dataset_logps, reference_logps
     from qbco.models import compute_dtype, load_run, resolve_model
     from qbco.plot import reliability_diagram
@@ -115,6 +120,11 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
 
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
+    records = None
+    if generate is not None:
+        records, kind = answers(run_dir, config, tokenizer, model, examples, delta, generate, slice_by, size, max_prompts, log)
+        report["generation"] = answer_figures(records, slice_by)
+        report["generation_kind"], report["sampling"] = kind.removeprefix("run: "), generate.describe()
     binary = report["overall"]["binary"]
     reliability_diagram(binary["reliability"], binary["ece"], out / "reliability.png", f"{run_dir.name}: {described}")
     rewards = implicit_rewards(policy, reference, config.beta)
@@ -123,9 +133,119 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
         for e, r, p, pol, ref, n in zip(examples, rewards.tolist(), probs, policy.tolist(), reference.tolist(), tokens.tolist()):
             f.write(json.dumps({"source": e.source, "label": e.label, "reward": r, "p_up": p, "policy_logp": pol,
                                 "reference_logp": ref, "completion_tokens": n}) + "\n")
+    names = ["metrics.json", "reliability.png", "scores.jsonl"]
+    if records is not None:
+        _write_jsonl(out / "generations.jsonl", records)
+        names.append("generations.jsonl")
     _write_json(out / "metrics.json", report)
-    report["files"] = [str(out / n) for n in ("metrics.json", "reliability.png", "scores.jsonl")]
+    report["files"] = [str(out / n) for n in names]
     return report
+
+
+# ---------------------------------------------------------------- --generate: what the model says
+
+
+def distinct_prompts(examples: list[Example], slice_by: str | None) -> list[dict]:
+    """One entry per distinct prompt, in the rows' order: the prompt, its first row's source, its slice value,
+    and the check its rows carry (qbco.tasks.row_check: `check`, else `reference`, else None)."""
+    from qbco.tasks import row_check
+
+    seen: dict[str, dict] = {}
+    for e in examples:
+        entry = seen.setdefault(e.prompt_key, {"prompt": e.prompt, "source": e.source, "check": None})
+        if slice_by is not None:
+            entry.setdefault(slice_by, e.extra.get(slice_by))
+        if entry["check"] is None:
+            entry["check"] = row_check(e.extra, e.source)
+    return list(seen.values())
+
+
+def answers(run_dir: Path, config, tokenizer, model, examples: list[Example], delta: float, sampling, slice_by: str | None,
+            batch_size: int, max_prompts: int | None = None, log=print) -> tuple[list[dict], str]:
+    """Base and tuned answers to every distinct prompt of `examples` (qbco.generate: on a CPU the fp32 twin of
+    the 4-bit run), each scored under the run with the same passes as the rows (reward, p_up) and, where the
+    prompt has a check, judged (success). One record per prompt, as generations.jsonl holds them; and what
+answered (RunModels.kind)."""
+    import gc
+
+    from qbco.generate import RunModels, answer_both
+    from qbco.logprobs import dataset_logps, reference_logps
+    from qbco.tasks import passes
+
+    sampling.validate()
+    entries = distinct_prompts(examples, slice_by)
+    if max_prompts is not None:
+        entries = entries[:max_prompts]
+    device = next(model.parameters()).device
+    started = time.perf_counter()
+    run = RunModels(run_dir, device, quantized=model)
+    log(f"answering {len(entries)} prompts with base and tuned ({run.kind.removeprefix('run: ')}; {sampling.describe()})")
+    base, tuned = answer_both(run, [e["prompt"] for e in entries], sampling, device)
+    kind = run.kind
+    del run
+    gc.collect()
+    log(f"answered in {time.perf_counter() - started:.1f}s")
+
+    # Scored as training scores a row: the answer as a completion ended by EOS, whole (not cut at max_completion_length).
+    said = [Example(e["prompt"], text, False, e["source"]) for e, pair in zip(entries, zip(base, tuned)) for text in pair]
+    encoded = encode_all(said, tokenizer, config.max_prompt_length, max(config.max_completion_length, sampling.max_new_tokens + 1))
+    pad = tokenizer.pad_token_id
+    policy = dataset_logps(model, encoded, batch_size, pad, device, config.logprob_chunk)
+    reference = reference_logps(model, encoded, batch_size, pad, device, config.logprob_chunk)
+    rewards = implicit_rewards(policy, reference, config.beta)
+    probs = metrics.p_up(rewards, delta).tolist()
+    records = []
+    for k, entry in enumerate(entries):
+        record = dict(entry)
+        for j, who in enumerate(("base", "tuned")):
+            i = 2 * k + j
+            text = said[i].completion
+            tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            record[who] = {
+                "answer": text,
+                "tokens": tokens,
+                "reward": float(rewards[i]),
+                "p_up": probs[i],
+                "success": passes(text, entry["check"]) if entry["check"] is not None else None,
+            }
+        records.append(record)
+    return records, kind
+
+
+def answer_figures(records: list[dict], slice_by: str | None = None) -> dict:
+    """How the tuned answers differ from the base's: share changed, length (tokens), reward under the run
+    (mean, and the share of prompts where the tuned answer's reward is the higher) and task success where
+    prompts have a check (rate over the prompts that do); per slice value too when slice_by is given."""
+
+    def figures(rows: list[dict]) -> dict:
+        checked = [r for r in rows if r["check"] is not None]
+        out = {
+            "prompts": len(rows),
+            "changed": sum(r["base"]["answer"] != r["tuned"]["answer"] for r in rows) / len(rows),
+            "tokens": {w: sum(r[w]["tokens"] for r in rows) / len(rows) for w in ("base", "tuned")},
+            "reward": {w: sum(r[w]["reward"] for r in rows) / len(rows) for w in ("base", "tuned")},
+            "tuned_reward_higher": sum(r["tuned"]["reward"] > r["base"]["reward"] for r in rows) / len(rows),
+            "checked": len(checked),
+            "success": None,
+        }
+        if checked:
+            out["success"] = {w: sum(r[w]["success"] for r in checked) / len(checked) for w in ("base", "tuned")}
+            out["success_counts"] = {w: sum(r[w]["success"] for r in checked) for w in ("base", "tuned")}
+        return out
+
+    report = {"overall": figures(records), "slices": None}
+    if slice_by is not None:
+        groups = metrics.slice_indices([r.get(slice_by) for r in records])
+        report["slices"] = {"column": slice_by, "values": {v: figures([records[i] for i in idx]) for v, idx in groups.items()}}
+    return report
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -194,4 +314,37 @@ def summary_table(report: dict):
     names = [name for name, _ in per_column[0]]
     for name in names:
         table.add_row(name, *[dict(rows).get(name, "-") for rows in per_column])
+    return table
+
+
+def _success(figures: dict) -> tuple[str, str]:
+    if not figures["success"]:
+        return "-", "-"
+    n, counts = figures["checked"], figures["success_counts"]
+    return tuple(f"{counts[w]}/{n} ({figures['success'][w]:.0%})" for w in ("base", "tuned"))
+
+
+def generation_table(report: dict):
+    """A rich Table of report['generation']: base vs tuned answers, a column for all prompts and one per slice."""
+    from rich.table import Table
+
+    gen = report["generation"]
+    columns = {"all": gen["overall"]}
+    if gen["slices"]:
+        columns.update({f"{gen['slices']['column']}={v}": f for v, f in gen["slices"]["values"].items()})
+    table = Table(title=f"qbco eval --generate: {report['run']}\n{report['generation_kind']}; {report['sampling']}")
+    table.add_column("answers")
+    for name in columns:
+        table.add_column(name, justify="right")
+    rows = [
+        ("prompts", lambda f: str(f["prompts"])),
+        ("tuned answer differs from base", lambda f: f"{f['changed']:.0%}"),
+        ("mean tokens base -> tuned", lambda f: f"{f['tokens']['base']:.1f} -> {f['tokens']['tuned']:.1f}"),
+        ("mean reward base -> tuned", lambda f: f"{f['reward']['base']:+.3f} -> {f['reward']['tuned']:+.3f}"),
+        ("tuned reward above base's", lambda f: f"{f['tuned_reward_higher']:.0%}"),
+        ("task success: base", lambda f: _success(f)[0]),
+        ("task success: tuned", lambda f: _success(f)[1]),
+    ]
+    for name, cell in rows:
+        table.add_row(name, *[cell(f) for f in columns.values()])
     return table

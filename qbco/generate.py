@@ -1,9 +1,11 @@
-"""Generate answers from a run (4-bit base + adapter, as trained) or a merged folder, and optionally from
-its base, so the effect of training can be read side by side."""
+"""Generate answers from a run (4-bit base + adapter as trained; on a CPU its fp32 twin, the dequantized
+NF4 base with the adapter merged in) or a merged folder, and optionally from its base, so the effect of
+training can be read side by side."""
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,9 @@ from qbco.models import (
     load_tokenizer,
     resolve_model,
 )
+
+
+BATCH = 16  # prompts per generate() call: measured 4x faster than one at a time on SmolLM2 (docs/eval.md)
 
 
 @dataclass
@@ -84,28 +89,72 @@ def read_prompts(prompts: list[str] | None, data: str | None, limit: int) -> lis
     return out[:limit]
 
 
-def load_models(target: str | Path, compare: bool, device):
-    """(tokenizer, tuned model, base model or None, what was loaded). A run is loaded as it was trained and
-    its base is the same model with adapters off (base None); a merged folder's base is read from the
-    qbco_merge.json that `qbco merge` writes and loaded in float."""
+CPU_FLOAT = "fp32 NF4-dequantized base + adapter merged: the 4-bit model as trained, faster on a CPU"
+
+
+def fast_on_cpu(config, device) -> bool:
+    """A 4-bit run answers on a CPU through its float twin: bitsandbytes' 4-bit matmul is slow there (its
+    repacked inference kernel stays off, PITFALLS 13), while the NF4 weights dequantized to fp32 plus the
+    adapter are the same model (docs/eval.md has the measured speed). CUDA keeps the 4-bit path."""
+    return device.type == "cpu" and config.load_in_4bit
+
+
+class RunModels:
+    """A run's tuned model and its base for answering: the 4-bit base + adapter as trained (adapters off for
+    the base), or on a CPU the fp32 NF4-dequantized base, whose adapter is merged in before the tuned
+    answers (`tuned()`), after any base answers (`base()`)."""
+
+    def __init__(self, run_dir: Path, device, quantized=None, path: str = "auto"):
+        from qbco.config import load_run_config
+
+        config = load_run_config(run_dir / "config.yaml")
+        self.float = path == "float" or (path == "auto" and fast_on_cpu(config, device))
+        if self.float:
+            from qbco.merge import float_base, with_adapter
+
+            self.tokenizer = load_tokenizer(str(run_dir / "adapter"))
+            base = float_base(config, "dequantized" if config.load_in_4bit else "original", torch.float32, device,
+                              quantized=quantized)
+            self.model = with_adapter(base, run_dir)
+            self.kind = f"run: {CPU_FLOAT}" if config.load_in_4bit else "run: fp32 base + adapter merged"
+        else:
+            _, self.tokenizer, self.model = load_run(run_dir, device)
+            self.kind = f"run: {'4-bit' if config.load_in_4bit else 'float'} base + adapter"
+        self.merged = False
+
+    def base(self):
+        if self.merged:
+            raise RuntimeError("base answers come before the adapter is merged")
+        return self.model.disable_adapter()
+
+    def tuned(self):
+        if self.float and not self.merged:
+            self.model = self.model.merge_and_unload()  # fp32: one rounding of W + BA (PITFALLS 17: 1.5e-5 nats/token)
+            self.merged = True
+        return nullcontext()
+
+
+def load_models(target: str | Path, compare: bool, device, path: str = "auto"):
+    """(tokenizer, what answers as tuned, base model or None, what was loaded). A run gives a RunModels (its
+    base is itself with adapters off); a merged folder's base is read from the qbco_merge.json that `qbco
+    merge` writes and loaded in float."""
     from transformers import AutoModelForCausalLM
 
     from qbco.merge import MERGE_INFO
 
-    path = Path(target).expanduser()
-    if is_run(path):
-        config, tokenizer, model = load_run(path, device)
-        kind = f"run: {'4-bit' if config.load_in_4bit else 'float'} base + adapter"
-        return tokenizer, model, None, kind + ("; base: adapters off" if compare else "")
-    if not (path / "config.json").is_file():
+    folder = Path(target).expanduser()
+    if is_run(folder):
+        run = RunModels(folder, device, path=path)
+        return run.tokenizer, run, None, run.kind + ("; base: adapters off" if compare else "")
+    if not (folder / "config.json").is_file():
         raise QbcoError(f"{target} is neither a qbco run (config.yaml + adapter/) nor a model folder (config.json)")
     dtype = compute_dtype("auto", device)  # fp32 on a CPU, where bf16 matmul is slow; bf16 weights load exactly
-    info = path / MERGE_INFO
+    info = folder / MERGE_INFO
     meta = json.loads(info.read_text(encoding="utf-8")) if info.is_file() else {}
     remote = bool(meta.get("trust_remote_code", False))
-    tokenizer = load_tokenizer(str(path), remote)
+    tokenizer = load_tokenizer(str(folder), remote)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=remote)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=remote)
     except OSError as err:
         raise QbcoError(f"cannot load the model in {target}: {err}") from None
     model.to(device).eval()
@@ -120,42 +169,68 @@ def load_models(target: str | Path, compare: bool, device):
 
 
 @torch.no_grad()
-def complete(model, tokenizer, prompt, sampling: Sampling, device) -> str:
-    """One answer, formatted as in training (the chat template when the tokenizer has one)."""
+def complete_all(model, tokenizer, prompts: list, sampling: Sampling, device, batch_size: int = BATCH) -> list[str]:
+    """Answers to every prompt, formatted as in training (the chat template when the tokenizer has one),
+    `batch_size` prompts at a time, left-padded so that every row's answer starts where its prompt ends."""
     from qbco.data import prompt_text
 
-    text, templated = prompt_text(prompt, tokenizer)
-    inputs = tokenizer(text, add_special_tokens=not templated, return_tensors="pt").to(device)
     options = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
                "eos_token_id": tokenizer.eos_token_id, "use_cache": True}
     if sampling.temperature > 0:
         options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
     else:
         options.update(do_sample=False)
-    # The same seed before every answer: base and tuned draw the same random numbers, so a difference
-    # in their answers comes from the weights, not from the draw.
-    torch.manual_seed(sampling.seed)
-    out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **options)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [prompt_text(p, tokenizer) for p in prompts[start : start + batch_size]]
+            inputs = tokenizer([t for t, _ in texts], add_special_tokens=not texts[0][1], padding=True,
+                               return_tensors="pt").to(device)
+            # The same seed before every batch: base and tuned draw the same random numbers, so a difference
+            # in their answers comes from the weights, not from the draw.
+            torch.manual_seed(sampling.seed)
+            out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **options)
+            width = inputs["input_ids"].shape[1]
+            answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def complete(model, tokenizer, prompt, sampling: Sampling, device) -> str:
+    """One answer (a batch of one)."""
+    return complete_all(model, tokenizer, [prompt], sampling, device)[0]
+
+
+def answer_both(run: RunModels, prompts: list, sampling: Sampling, device, compare: bool = True) -> tuple[list[str] | None, list[str]]:
+    """(base answers or None, tuned answers) of a run's model to every prompt: the base first, while the
+    adapter is still apart."""
+    base = None
+    if compare:
+        with run.base():
+            base = complete_all(run.model, run.tokenizer, prompts, sampling, device)
+    with run.tuned():
+        tuned = complete_all(run.model, run.tokenizer, prompts, sampling, device)
+    return base, tuned
 
 
 def generate(target: str | Path, prompts: list, sampling: Sampling, compare: bool = False,
-             device: torch.device | None = None) -> tuple[list[Answer], str]:
-    """Answers of `target` (and of its base with `compare`) to every prompt; also what was loaded."""
+             device: torch.device | None = None, path: str = "auto") -> tuple[list[Answer], str]:
+    """Answers of `target` (and of its base with `compare`) to every prompt; also what was loaded. `path`
+    (runs only): 'auto' (float twin on a CPU, 4-bit on CUDA), 'float' or '4bit'."""
     sampling.validate()
     if not prompts:
         raise QbcoError("no prompts to answer")
     device = device or default_device()
-    tokenizer, model, base, kind = load_models(target, compare, device)
-    answers = []
-    for prompt in prompts:
-        answer = Answer(prompt, complete(model, tokenizer, prompt, sampling, device))
-        if compare and base is None:  # a run: its base is the same model with the adapters off
-            with model.disable_adapter():
-                answer.base = complete(model, tokenizer, prompt, sampling, device)
-        elif compare:
-            answer.base = complete(base, tokenizer, prompt, sampling, device)
-        answers.append(answer)
+    tokenizer, model, base, kind = load_models(target, compare, device, path)
+    if isinstance(model, RunModels):
+        base_answers, tuned = answer_both(model, prompts, sampling, device, compare)
+    else:
+        tuned = complete_all(model, tokenizer, prompts, sampling, device)
+        base_answers = complete_all(base, tokenizer, prompts, sampling, device) if compare else None
+    answers = [Answer(p, t, b) for p, t, b in zip(prompts, tuned, base_answers or [None] * len(prompts))]
     return answers, kind
 
 

@@ -5,7 +5,7 @@ The dataset imitates thumbs-up / thumbs-down feedback logs on prompts whose
 answers can be checked automatically.  Every line is one JSON object::
 
     {"prompt": str, "completion": str, "label": bool, "task": str,
-     "split": "train" | "eval"}
+     "split": "train" | "eval", "check": {...}}
 
 * ``label`` is ``true`` for a thumbs-up (correct, helpful, short answer) and
   ``false`` for a thumbs-down.  Thumbs-down completions are, in roughly equal
@@ -14,6 +14,12 @@ answers can be checked automatically.  Every line is one JSON object::
   prompts also have one thumbs-up, so they provide (up, down) pairs.
 * About 40% of the rows are thumbs-up (as in HelpSteer2).
 * The train/eval split is by prompt and stratified by task.
+* ``check`` says what a right answer to the prompt is (a spec of
+  ``qbco.tasks``: the number, the word, the exact text or the list
+  format), so that generated answers can be scored; every thumbs-up
+  completion passes its check and every thumbs-down one fails it.  It is
+  derived from the task data alone and draws no random numbers, so the
+  other fields are exactly those of the file before it had checks.
 
 The generator is stdlib-only and fully deterministic: running
 
@@ -250,6 +256,14 @@ SPELLINGS = [
     ("successful", "succesful"),
 ]
 
+# Answers a checker also accepts (never a thumbs-up completion: those use the first name only).
+CAPITAL_ALSO = {"Washington, D.C.": ["Washington"], "New Delhi": ["Delhi"]}
+OPPOSITE_ALSO = {
+    "big": ["little", "tiny"], "open": ["shut"], "begin": ["finish"], "arrive": ["leave"], "win": ["losing"],
+    "generous": ["stingy", "mean"], "safe": ["unsafe"], "true": ["untrue"], "ancient": ["new"],
+    "loud": ["silent"], "increase": ["reduce"], "always": ["seldom", "rarely"], "float": ["sinking"],
+}
+
 LETTER_COUNT_WORDS = [
     "ocean", "banana", "elephant", "window", "pencil", "computer",
     "mountain", "sky", "garden", "yellow", "river", "butterfly",
@@ -290,7 +304,7 @@ TASK_SIZES = {  # number of distinct prompts per task
     "opposites": len(OPPOSITES),
 }
 
-Item = Dict[str, object]  # task, prompt, up, wrong (callable rng -> str)
+Item = Dict[str, object]  # task, prompt, up, wrong (callable rng -> str), check (a qbco.tasks spec)
 
 
 def _num_to_words(n: int) -> str:
@@ -304,8 +318,8 @@ def _is_prime(n: int) -> bool:
     return n >= 2 and all(n % d for d in range(2, int(n ** 0.5) + 1))
 
 
-def _item(task: str, prompt: str, up: str, wrong: Callable[[random.Random], str]) -> Item:
-    return {"task": task, "prompt": prompt, "up": up, "wrong": wrong}
+def _item(task: str, prompt: str, up: str, wrong: Callable[[random.Random], str], check: dict) -> Item:
+    return {"task": task, "prompt": prompt, "up": up, "wrong": wrong, "check": check}
 
 
 # --------------------------------------------------------------------------
@@ -346,7 +360,7 @@ def _arithmetic_items(rng: random.Random, n: int) -> List[Item]:
             cands = [r + d for d in offsets if r + d >= 0 and d != 0]
             return tpl.format(a=a, op=op, b=b, r=rg.choice(cands))
 
-        items.append(_item("arithmetic", prompt, up, wrong))
+        items.append(_item("arithmetic", prompt, up, wrong, {"kind": "number", "value": r}))
     return items
 
 
@@ -375,7 +389,7 @@ def _units_items(rng: random.Random, n: int) -> List[Item]:
         def wrong(rg, q=q, frm=frm, to=to, tpl=tpl, cands=cands):
             return tpl.format(n=q, frm=frm, to=to, r=rg.choice(cands))
 
-        items.append(_item("units", prompt, up, wrong))
+        items.append(_item("units", prompt, up, wrong, {"kind": "number", "value": r}))
     return items
 
 
@@ -398,7 +412,8 @@ def _capitals_items(rng: random.Random) -> List[Item]:
         def wrong(rg, country=country, tpl=tpl, cands=cands):
             return tpl.format(c=country, x=rg.choice(cands))
 
-        items.append(_item("capitals", prompt, up, wrong))
+        names = [capital, *CAPITAL_ALSO.get(capital, [])]
+        items.append(_item("capitals", prompt, up, wrong, {"kind": "mentions", "any": names}))
     return items
 
 
@@ -438,7 +453,9 @@ def _format_items(rng: random.Random, n: int) -> List[Item]:
                 return " and ".join(chosen[:m]).capitalize() + " are good examples."
             return sep.join(rg.sample(other_pool, m))  # wrong category
 
-        items.append(_item("format", prompt, up, wrong))
+        exclude = sorted({x for j, (_, p) in enumerate(LIST_CATEGORIES) if j != ci for x in p} - set(pool))
+        check = {"kind": "list", "count": m, "separator": sep, "exclude": exclude}
+        items.append(_item("format", prompt, up, wrong, check))
 
     # 2) Upper / lower case.
     words = list(CASE_WORDS)
@@ -449,14 +466,14 @@ def _format_items(rng: random.Random, n: int) -> List[Item]:
         def wrong(rg, w=w):
             return rg.choice([w, w.capitalize(), f"Sure: {w}.", w[: len(w) // 2].upper() + w[len(w) // 2:]])
 
-        items.append(_item("format", prompt, w.upper(), wrong))
+        items.append(_item("format", prompt, w.upper(), wrong, {"kind": "exact", "value": w.upper()}))
     for w in words[10:16]:
         prompt = f"Write the word '{w.upper()}' in all lowercase letters."
 
         def wrong(rg, w=w):
             return rg.choice([w.upper(), w.capitalize(), f"Sure: {w.upper()}."])
 
-        items.append(_item("format", prompt, w, wrong))
+        items.append(_item("format", prompt, w, wrong, {"kind": "exact", "value": w}))
 
     # 3) Number words to digits.
     nums = rng.sample(range(21, 100), 8)
@@ -472,7 +489,7 @@ def _format_items(rng: random.Random, n: int) -> List[Item]:
                 words_x,
             ])
 
-        items.append(_item("format", prompt, str(x), wrong))
+        items.append(_item("format", prompt, str(x), wrong, {"kind": "exact", "value": str(x)}))
 
     # 4) Yes / no questions.
     seen = set()
@@ -498,7 +515,8 @@ def _format_items(rng: random.Random, n: int) -> List[Item]:
         def wrong(rg, truth=truth, verbose=verbose):
             return rg.choice(["No." if truth else "Yes.", verbose])
 
-        items.append(_item("format", prompt, up, wrong))
+        check = {"kind": "exact", "value": "yes" if truth else "no", "case": False}
+        items.append(_item("format", prompt, up, wrong, check))
     return items
 
 
@@ -516,7 +534,8 @@ def _spelling_items(rng: random.Random) -> List[Item]:
         def wrong(rg, bad=bad):
             return rg.choice(answer_tpls).format(x=bad)
 
-        items.append(_item("spelling", prompt, tpl.format(x=good), wrong))
+        check = {"kind": "choice", "right": good, "wrong": bad}
+        items.append(_item("spelling", prompt, tpl.format(x=good), wrong, check))
     for w in LETTER_COUNT_WORDS:
         prompt = f"How many letters are in the word '{w}'?"
         k = len(w)
@@ -524,7 +543,7 @@ def _spelling_items(rng: random.Random) -> List[Item]:
         def wrong(rg, w=w, k=k):
             return f"The word '{w}' has {k + rg.choice([-2, -1, 1, 2])} letters."
 
-        items.append(_item("spelling", prompt, f"The word '{w}' has {k} letters.", wrong))
+        items.append(_item("spelling", prompt, f"The word '{w}' has {k} letters.", wrong, {"kind": "number", "value": k}))
     return items
 
 
@@ -543,7 +562,8 @@ def _opposites_items(rng: random.Random) -> List[Item]:
             x = syn if syn and rg.random() < 0.6 else rg.choice(cands)
             return tpl.format(w=w, x=x)
 
-        items.append(_item("opposites", prompt, tpl.format(w=w, x=ant), wrong))
+        check = {"kind": "mentions", "any": [ant, *OPPOSITE_ALSO.get(w, [])]}
+        items.append(_item("opposites", prompt, tpl.format(w=w, x=ant), wrong, check))
     return items
 
 
@@ -640,6 +660,7 @@ def build_rows(seed: int = 0) -> List[dict]:
                 "label": label,
                 "task": it["task"],
                 "split": split[idx],
+                "check": it["check"],
             })
     rows.sort(key=lambda r: (r["split"], r["task"], r["prompt"], r["completion"]))
     return rows

@@ -15,7 +15,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO = REPO_ROOT / "qbco" / "resources" / "demo.jsonl"
 SCRIPT = REPO_ROOT / "scripts" / "make_demo.py"
 
-KEYS = {"prompt": str, "completion": str, "label": bool, "task": str, "split": str}
+KEYS = {"prompt": str, "completion": str, "label": bool, "task": str, "split": str, "check": dict}
+PRE_CHECK_SHA256 = "59f2a3635e02461f37799d8fa00ad2f33cee925c3912a0d0c023be1ca1370c68"  # demo.jsonl before checks
 ARITH_RE = re.compile(r"(\d+)\s*(\+|-|\*|plus|minus|times)\s*(\d+)")
 
 
@@ -98,3 +99,33 @@ def test_arithmetic_answers(rows):
             assert int(numbers[-1]) != expected, r
             n_wrong += 1
     assert n_up > 0 and n_wrong > 0
+
+
+def test_every_row_carries_a_check_that_its_label_agrees_with(rows):
+    """A thumbs-up completion is a right answer and a thumbs-down one (wrong, evasive or rude) is not: the
+    check of every row agrees with its label, and all rows of a prompt carry the same check."""
+    from qbco.tasks import passes, row_check
+
+    by_prompt = defaultdict(list)
+    for r in rows:
+        spec = row_check(r)
+        assert passes(r["completion"], spec) == r["label"], r
+        by_prompt[r["prompt"]].append(json.dumps(spec, sort_keys=True))
+    assert all(len(set(specs)) == 1 for specs in by_prompt.values())
+    kinds = {(r["task"], r["check"]["kind"]) for r in rows}
+    assert {t for t, _ in kinds} == {"arithmetic", "units", "capitals", "format", "spelling", "opposites"}
+
+
+def test_arithmetic_checks_hold_the_computed_result(rows):
+    for r in rows:
+        if r["task"] == "arithmetic":
+            assert r["check"] == {"kind": "number", "value": _expected(r["prompt"])}, r
+
+
+def test_checks_were_added_without_touching_the_other_fields(rows):
+    """Adding `check` drew no random numbers: the other fields hash as they did before checks existed
+    (the file at commit e1a86d6), so training on the demo sees exactly the same rows."""
+    import hashlib
+
+    text = "".join(json.dumps({k: r[k] for k in ("prompt", "completion", "label", "task", "split")}, ensure_ascii=False) + "\n" for r in rows)
+    assert hashlib.sha256(text.encode()).hexdigest() == PRE_CHECK_SHA256

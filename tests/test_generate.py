@@ -32,9 +32,46 @@ def test_run_and_merged_folder_give_the_same_greedy_answers(folders):
     run, merged = folders
     from_run, kind_run = gen.generate(run, PROMPTS, SHORT, device=CPU)
     from_merged, kind_merged = gen.generate(merged, PROMPTS, SHORT, device=CPU)
-    assert kind_run.startswith("run: 4-bit base + adapter") and kind_merged == "merged folder"
+    assert kind_run == f"run: {gen.CPU_FLOAT}" and kind_merged == "merged folder"
     assert [a.tuned for a in from_run] == [a.tuned for a in from_merged]
     assert all(a.tuned and a.base is None for a in from_run)
+
+
+def test_the_cpu_float_twin_is_the_4bit_model_as_trained(folders):
+    """On a CPU a 4-bit run answers through fp32 dequantized NF4 weights + the adapter: its logits are the 4-bit
+    model's (adapter on and off) to float rounding, far below what the adapter itself moves, and its greedy
+    answers (base and tuned) are the 4-bit path's."""
+    from qbco.logprobs import causal_lm
+
+    run, _ = folders
+    twin, exact = gen.RunModels(run, CPU, path="float"), gen.RunModels(run, CPU, path="4bit")
+    assert twin.float and not exact.float and exact.kind == "run: 4-bit base + adapter"
+    ids = twin.tokenizer("user : question q3 ? assistant : good answer", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        exact_on, twin_on = exact.model(input_ids=ids).logits, twin.model(input_ids=ids).logits
+        with exact.base(), twin.base():
+            exact_off, twin_off = exact.model(input_ids=ids).logits, twin.model(input_ids=ids).logits
+        with twin.tuned():  # merged in place
+            merged = causal_lm(twin.model)(input_ids=ids).logits
+    adapter_effect = float((exact_on - exact_off).abs().max())
+    assert adapter_effect > 1e-2
+    for a, b in ((exact_on, twin_on), (exact_off, twin_off), (exact_on, merged)):
+        assert float((a - b).abs().max()) < 1e-4 * adapter_effect + 1e-5
+    prompts = PROMPTS + [f"question q{k} ?" for k in range(20, 40)]  # more than one batch
+    fast, _ = gen.generate(run, prompts, SHORT, compare=True, device=CPU, path="float")
+    slow, kind = gen.generate(run, prompts, SHORT, compare=True, device=CPU, path="4bit")
+    assert kind.startswith("run: 4-bit base + adapter")
+    assert [(a.base, a.tuned) for a in fast] == [(a.base, a.tuned) for a in slow]
+
+
+def test_batched_answers_are_the_answers_one_at_a_time(folders):
+    """Left padding changes nothing: a batch of prompts of unlike length gets the answers each gets alone."""
+    run, _ = folders
+    models = gen.RunModels(run, CPU)
+    prompts = ["question q3 ?", "question q5 ? question q6 ? question q7 ?", [{"role": "user", "content": "q9 ?"}]]
+    together = gen.complete_all(models.model, models.tokenizer, prompts, SHORT, CPU)
+    alone = [gen.complete_all(models.model, models.tokenizer, [p], SHORT, CPU)[0] for p in prompts]
+    assert together == alone and len(set(together)) > 1
 
 
 def test_compare_shows_the_untrained_base(folders, tiny_model_dir):
