@@ -86,6 +86,9 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
     if slice_by is not None and not any(slice_by in e.extra for e in examples):
         found = sorted({k for e in examples for k in e.extra})
         raise QbcoError(f"--slice-by {slice_by}: no row has that column (extra columns: {', '.join(found) or 'none'})")
+    entries = None
+    if generate is not None:  # a malformed check fails here, before anything is scored or written
+        entries = distinct_prompts(examples, slice_by)[:max_prompts]
     encoded = encode_all(examples, tokenizer, config.max_prompt_length, config.max_completion_length)
     device = next(model.parameters()).device
     size, pad = batch_size or config.batch_size, tokenizer.pad_token_id
@@ -122,7 +125,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
     out.mkdir(exist_ok=True)
     records = None
     if generate is not None:
-        records, kind = answers(run_dir, config, tokenizer, model, examples, delta, generate, slice_by, size, max_prompts, log)
+        records, kind = answers(run_dir, config, tokenizer, model, entries, delta, generate, size, log)
         report["generation"] = answer_figures(records, slice_by)
         report["generation_kind"], report["sampling"] = kind.removeprefix("run: "), generate.describe()
     binary = report["overall"]["binary"]
@@ -160,12 +163,12 @@ def distinct_prompts(examples: list[Example], slice_by: str | None) -> list[dict
     return list(seen.values())
 
 
-def answers(run_dir: Path, config, tokenizer, model, examples: list[Example], delta: float, sampling, slice_by: str | None,
-            batch_size: int, max_prompts: int | None = None, log=print) -> tuple[list[dict], str]:
-    """Base and tuned answers to every distinct prompt of `examples` (qbco.generate: on a CPU the fp32 twin of
-    the 4-bit run), each scored under the run with the same passes as the rows (reward, p_up) and, where the
-    prompt has a check, judged (success). One record per prompt, as generations.jsonl holds them; and what
-answered (RunModels.kind)."""
+def answers(run_dir: Path, config, tokenizer, model, entries: list[dict], delta: float, sampling, batch_size: int,
+            log=print) -> tuple[list[dict], str]:
+    """Base and tuned answers to every prompt of `entries` (distinct_prompts; qbco.generate: on a CPU the fp32
+    twin of the 4-bit run), each scored under the run with the same passes as the rows (reward, p_up) and,
+    where the prompt has a check, judged (success). One record per prompt, as generations.jsonl holds them;
+    and what answered (RunModels.kind)."""
     import gc
 
     from qbco.generate import RunModels, answer_both
@@ -173,9 +176,6 @@ answered (RunModels.kind)."""
     from qbco.tasks import passes
 
     sampling.validate()
-    entries = distinct_prompts(examples, slice_by)
-    if max_prompts is not None:
-        entries = entries[:max_prompts]
     device = next(model.parameters()).device
     started = time.perf_counter()
     run = RunModels(run_dir, device, quantized=model)

@@ -108,6 +108,7 @@ class RunModels:
         from qbco.config import load_run_config
 
         config = load_run_config(run_dir / "config.yaml")
+        self.config, self.device = config, device
         self.float = path == "float" or (path == "auto" and fast_on_cpu(config, device))
         if self.float:
             from qbco.merge import float_base, with_adapter
@@ -204,13 +205,59 @@ def complete(model, tokenizer, prompt, sampling: Sampling, device) -> str:
     return complete_all(model, tokenizer, [prompt], sampling, device)[0]
 
 
+def base_answers_key(run: RunModels, prompts: list, sampling: Sampling) -> str:
+    """What the base's answers depend on: the base (its files), how it answers (4-bit or the float twin,
+    dtype, device kind), every prompt's token ids, the sampling, the batching and the library versions.
+    Not the adapter: the base answers with it off."""
+    import hashlib
+
+    import transformers
+
+    from qbco.data import prompt_text
+    from qbco.refcache import base_identity
+
+    c = run.config
+    dtype = torch.float32 if run.float else compute_dtype(c.dtype, run.device)
+    h = hashlib.sha256(json.dumps([base_identity(resolve_model(c.model)), c.load_in_4bit, run.float, str(dtype),
+                                   run.device.type, vars(sampling), BATCH, torch.__version__,
+                                   transformers.__version__]).encode())
+    for prompt in prompts:
+        text, templated = prompt_text(prompt, run.tokenizer)
+        h.update(json.dumps(run.tokenizer(text, add_special_tokens=not templated)["input_ids"]).encode())
+    return h.hexdigest()[:32]
+
+
+def cached_answers(key: str, compute) -> list[str]:
+    """The base's answers for `key` from QBCO_CACHE/answers/, or compute() written there atomically: every
+    run on the same base asks its base the same questions (qbco eval --generate after each run)."""
+    import os
+    import tempfile
+
+    from qbco.models import cache_dir
+
+    path = cache_dir() / "answers" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(value, f, ensure_ascii=False)
+    os.replace(tmp, path)
+    return value
+
+
 def answer_both(run: RunModels, prompts: list, sampling: Sampling, device, compare: bool = True) -> tuple[list[str] | None, list[str]]:
     """(base answers or None, tuned answers) of a run's model to every prompt: the base first, while the
-    adapter is still apart."""
+    adapter is still apart; the base's answers come from the answer cache when an earlier run on the same
+    base gave them (base_answers_key)."""
     base = None
     if compare:
-        with run.base():
-            base = complete_all(run.model, run.tokenizer, prompts, sampling, device)
+        def ask_base():
+            with run.base():
+                return complete_all(run.model, run.tokenizer, prompts, sampling, device)
+
+        base = cached_answers(base_answers_key(run, prompts, sampling), ask_base)
     with run.tuned():
         tuned = complete_all(run.model, run.tokenizer, prompts, sampling, device)
     return base, tuned

@@ -111,3 +111,15 @@ def test_answer_figures_by_hand():
     assert b["checked"] == 1 and b["prompts"] == 2
     unchecked = answer_figures(records[3:])["overall"]
     assert unchecked["success"] is None and unchecked["checked"] == 0
+
+
+def test_a_malformed_check_is_one_line_and_nothing_is_written(tmp_path, tiny_run):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    rows = [{**r, "check": {"kind": "number"}} for r in separable_rows(3)]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    result = runner.invoke(app, ["eval", str(run), "--data", str(data), "--generate"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and "a number check needs value" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (run / "eval").exists()
+    result = runner.invoke(app, ["eval", str(run), "--generate", "--max-prompts", "0"])
+    assert result.exit_code == 2 and "--max-prompts must be >= 1" in result.output

@@ -139,3 +139,26 @@ def test_cli_compare_prints_base_and_tuned_side_by_side(folders, tmp_path, tiny_
     ):
         result = runner.invoke(app, ["generate", *args])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+def test_base_answers_are_cached_for_the_next_run(folders, tmp_path, monkeypatch):
+    """The base answers the same prompts the same way whatever the adapter: a second --compare (or another run
+    on the same base) reads them from QBCO_CACHE/answers/; other sampling settings ask the base again."""
+    run, _ = folders
+    monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    real = gen.complete_all
+    calls = []
+
+    def counting(model, tokenizer, prompts, sampling, device, batch_size=gen.BATCH):
+        calls.append(sampling.max_new_tokens)
+        return real(model, tokenizer, prompts, sampling, device, batch_size)
+
+    monkeypatch.setattr(gen, "complete_all", counting)
+    first, _ = gen.generate(run, PROMPTS, SHORT, compare=True, device=CPU)
+    assert len(calls) == 2 and len(list((tmp_path / "cache" / "answers").glob("*.json"))) == 1
+    again, _ = gen.generate(run, PROMPTS, SHORT, compare=True, device=CPU)
+    assert len(calls) == 3  # the tuned answers only
+    assert [(a.base, a.tuned) for a in again] == [(a.base, a.tuned) for a in first]
+    gen.generate(run, PROMPTS, gen.Sampling(max_new_tokens=4), compare=True, device=CPU)
+    assert len(calls) == 5 and len(list((tmp_path / "cache" / "answers").glob("*.json"))) == 2
