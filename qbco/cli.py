@@ -84,6 +84,7 @@ def train(
     loss: Optional[str] = typer.Option(None, help="bco (reward shift delta, Eq. 7), bce (delta fixed at 0), kto (Ethayarajh et al. 2024) or dpo (pairs of rows sharing a prompt). (default: bco)"),
     balance: Optional[str] = typer.Option(None, help="Class imbalance: none (BCO's per-class means already weigh both classes equally), oversample (repeat minority-class rows, as the paper did for HelpSteer2) or weight (class weights from the dataset's shares; see docs/data.md). (default: none)"),
     beta: Optional[float] = typer.Option(None, help="Reward scale beta in r = beta * log(pi/pi_ref). (default: 0.1)"),
+    sft_weight: Optional[float] = typer.Option(None, help="Add this times the per-token NLL of the thumbs-up completions to the loss, so that good answers gain likelihood (RPO; docs/results.md). 0 is the paper's loss. (default: 0)"),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate of the LoRA weights (AdamW). (default: 3e-4)"),
     epochs: Optional[float] = typer.Option(None, help="Passes over the training rows (fractions allowed). (default: 1)"),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps. (default: all epochs)"),
@@ -123,7 +124,7 @@ def train(
             raise QbcoError(f"--resume continues a run with its own config.yaml; drop --{given[0].replace('_', '-')}")
         config = build_config(
             recipe,
-            model=model, data=data, output=output, loss=loss, balance=balance, beta=beta, lr=lr, epochs=epochs, max_steps=max_steps,
+            model=model, data=data, output=output, loss=loss, balance=balance, beta=beta, sft_weight=sft_weight, lr=lr, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, grad_accum=grad_accum, max_prompt_length=max_prompt_length,
             max_completion_length=max_completion_length, lora_r=lora_r, lora_alpha=lora_alpha,
             lora_dropout=lora_dropout, lora_targets=lora_targets, eval_fraction=eval_fraction, ema_decay=ema_decay,

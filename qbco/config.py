@@ -26,6 +26,7 @@ class TrainConfig:
     loss: str = "bco"  # a name in qbco.objectives.OBJECTIVES: bco (reward shift, Eq. 7), bce (delta 0), kto, dpo
     balance: str = "none"  # none | oversample (repeat minority-class rows) | weight (dataset-share class weights)
     beta: float = 0.1
+    sft_weight: float = 0.0  # weight of the per-token NLL of thumbs-up completions added to the loss (loss.sft_loss); 0: the paper's loss
     lr: float = 3e-4
     epochs: float = 1.0
     max_steps: int | None = None  # caps the number of optimizer steps; None: run all epochs
@@ -57,6 +58,7 @@ class TrainConfig:
 
         checks = [
             (self.beta > 0, f"beta must be > 0 (got {self.beta})"),
+            (self.sft_weight >= 0, f"sft_weight must be >= 0 (got {self.sft_weight})"),
             (self.lr > 0, f"lr must be > 0 (got {self.lr})"),
             (self.epochs > 0, f"epochs must be > 0 (got {self.epochs})"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 (got {self.max_steps})"),

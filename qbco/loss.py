@@ -58,6 +58,33 @@ def bco_loss(
     return LossOutput(loss=loss, rewards=rewards.detach())
 
 
+def sft_loss(
+    policy_logps: torch.Tensor,
+    completion_tokens: torch.Tensor,
+    labels: torch.Tensor,
+    n_up: float | None = None,
+) -> torch.Tensor:
+    """The per-token negative log-likelihood of the thumbs-up completions, the likelihood term that RPO
+    (Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733) and Llama 3's
+    DPO + NLL (arXiv 2407.21783, Section 4.1.4) add to a preference loss on the chosen answers:
+
+        L_SFT = sum_{i up} [ -log pi_theta(y_i | x_i) / |y_i| ] / n_up
+
+    log pi_theta(y_i | x_i) is summed over the completion's |y_i| tokens (`completion_tokens`), so each
+    thumbs-up row weighs the same whatever its length. n_up: the count the mean divides by (default: this
+    batch's thumbs-up rows; pass the accumulation window's, as for bco_loss). Thumbs-down rows are not in it,
+    and no reference enters: it pulls the good completions up in absolute terms, which a loss over
+    differences or classes alone never asks for (docs/results.md: likelihood displacement). 0 without
+    thumbs-up rows.
+    """
+    labels = labels.bool()
+    n_up = int(labels.sum()) if n_up is None else n_up
+    if n_up == 0:
+        return policy_logps.new_zeros(())
+    per_token = -policy_logps[labels] / completion_tokens[labels].to(policy_logps.dtype)
+    return per_token.sum() / n_up
+
+
 # ---------------------------------------------------------------- the loss family beside BCO: KTO and DPO
 
 

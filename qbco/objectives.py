@@ -17,7 +17,7 @@ import torch
 
 from qbco.data import Example, prompt_pairs
 from qbco.errors import QbcoError
-from qbco.loss import LossOutput, bco_loss, dpo_loss, kto_loss
+from qbco.loss import LossOutput, bco_loss, dpo_loss, kto_loss, sft_loss
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class MicroBatch:
     reference: torch.Tensor  # [B]
     labels: torch.Tensor  # [B] bool, True = thumbs-up
     mismatched: tuple[torch.Tensor, torch.Tensor] | None = None
+    tokens: torch.Tensor | None = None  # [B] completion tokens per row (the sft term's per-token mean)
 
 
 class Objective:
@@ -56,6 +57,7 @@ class Objective:
         self.beta = config.beta
         self.balance = config.balance
         self.seed = config.seed
+        self.sft_weight = config.sft_weight
         self.share_up = sum(e.label for e in rows) / len(rows)
 
     def units(self, rows: list[Example]) -> list[tuple[int, ...]]:
@@ -83,9 +85,23 @@ class Objective:
     def loss(self, batch: MicroBatch, window: Window) -> LossOutput:
         raise NotImplementedError
 
+    def with_sft(self, out: LossOutput, batch: MicroBatch, window: Window) -> LossOutput:
+        """--sft-weight w > 0: the loss plus w times the per-token NLL of the micro-batch's thumbs-up rows, each
+        divided by the window's thumbs-up count (loss.sft_loss), so the window's terms add up to its mean.
+        The NLL is kept (detached) for the step's record. w = 0 leaves the objective exactly as it was."""
+        if self.sft_weight:
+            nll = sft_loss(batch.policy, batch.tokens, batch.labels, window.n_up)
+            out.loss = out.loss + self.sft_weight * nll
+            out.sft_nll = nll.detach()
+        return out
+
     def record(self, outputs: list[LossOutput]) -> dict:
-        """What this objective adds to the step's record: each `logged` field, averaged over the micro-batches."""
-        return {key: sum(float(getattr(o, key)) for o in outputs) / len(outputs) for key in self.logged}
+        """What this objective adds to the step's record: each `logged` field, averaged over the micro-batches;
+        with --sft-weight the window's per-token NLL of its thumbs-up rows (`sft_nll`, nats per token)."""
+        record = {key: sum(float(getattr(o, key)) for o in outputs) / len(outputs) for key in self.logged}
+        if self.sft_weight:
+            record["sft_nll"] = sum(float(o.sft_nll) for o in outputs)  # each micro-batch's share of the window's mean
+        return record
 
 
 class BCO(Objective):
@@ -101,14 +117,16 @@ class BCO(Objective):
                             "(--allow-one-class trains anyway)")
 
     def loss(self, batch: MicroBatch, window: Window) -> LossOutput:
-        return bco_loss(batch.policy, batch.reference, batch.labels, window.delta, self.beta, window.n_up, window.n_down)
+        out = bco_loss(batch.policy, batch.reference, batch.labels, window.delta, self.beta, window.n_up, window.n_down)
+        return self.with_sft(out, batch, window)
 
 
 class BCE(Objective):
     """BCO with delta fixed at 0 (the window's delta is 0 for an objective that does not shift)."""
 
     def loss(self, batch: MicroBatch, window: Window) -> LossOutput:
-        return bco_loss(batch.policy, batch.reference, batch.labels, window.delta, self.beta, window.n_up, window.n_down)
+        out = bco_loss(batch.policy, batch.reference, batch.labels, window.delta, self.beta, window.n_up, window.n_down)
+        return self.with_sft(out, batch, window)
 
 
 class KTO(Objective):
@@ -130,7 +148,7 @@ class KTO(Objective):
         out = kto_loss(batch.policy, batch.reference, batch.labels, kl_policy, kl_reference, self.beta,
                        self.lambda_d, self.lambda_u)
         out.loss = out.loss * len(batch.labels) / window.rows  # the micro-batch's mean becomes its share of the window's
-        return out
+        return self.with_sft(out, batch, window)
 
 
 class DPO(Objective):
@@ -148,7 +166,7 @@ class DPO(Objective):
         p = len(batch.labels) // 2
         out = dpo_loss(batch.policy[:p], batch.reference[:p], batch.policy[p:], batch.reference[p:], self.beta)
         out.loss = out.loss * len(batch.labels) / window.rows
-        return out
+        return self.with_sft(out, batch, window)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"bco": BCO, "bce": BCE, "kto": KTO, "dpo": DPO}

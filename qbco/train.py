@@ -123,7 +123,7 @@ def micro_batch(run: Run, rows: list[int]) -> MicroBatch:
     b = collate(run.train_rows, rows, run.tokenizer.pad_token_id).to(run.device)
     policy = completion_logps(run.model, b.input_ids, b.attention_mask, b.completion_mask, run.config.logprob_chunk)
     mismatched = mismatched_logps(run, rows) if run.objective.needs_mismatched else None
-    return MicroBatch(policy, run.ref_train[rows].to(run.device), b.labels, mismatched)
+    return MicroBatch(policy, run.ref_train[rows].to(run.device), b.labels, mismatched, b.completion_mask.sum(1))
 
 
 def mismatched_logps(run: Run, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

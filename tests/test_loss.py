@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qbco.loss import bco_loss, implicit_rewards
+from qbco.loss import bco_loss, implicit_rewards, sft_loss
 from qbco.shift import RewardShift
 
 T, Fa = True, False
@@ -112,3 +112,19 @@ def test_shift_state_round_trips():
     b = RewardShift()
     b.load_state_dict(a.state_dict())
     assert (b.decay, b.mu_up, b.mu_down, b.delta) == (a.decay, a.mu_up, a.mu_down, a.delta)
+
+
+def test_sft_term_by_hand():
+    """policy log-probs [-6, -2, -9, -3] over [3, 4, 3, 1] completion tokens, labels up, down, down, up.
+    Per-token NLL of the thumbs-up rows: 6/3 = 2 and 3/1 = 3 -> (2 + 3) / 2 = 2.5; the thumbs-down rows
+    (-2/4, -9/3) do not count. Over a window of 4 thumbs-up rows: (2 + 3) / 4 = 1.25."""
+    policy = torch.tensor([-6.0, -2.0, -9.0, -3.0], requires_grad=True)
+    tokens = torch.tensor([3, 4, 3, 1])
+    labels = torch.tensor([T, Fa, Fa, T])
+    value = sft_loss(policy, tokens, labels)
+    assert float(value) == pytest.approx(2.5)
+    assert float(sft_loss(policy, tokens, labels, n_up=4)) == pytest.approx(1.25)
+    value.backward()  # d/d logp_i = -1 / (|y_i| n_up) for a thumbs-up row, 0 for a thumbs-down one
+    assert policy.grad.tolist() == pytest.approx([-1 / 6, 0.0, 0.0, -1 / 2])
+    none_up = sft_loss(policy, tokens, torch.tensor([Fa, Fa, Fa, Fa]))
+    assert float(none_up) == 0.0

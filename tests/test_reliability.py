@@ -73,6 +73,7 @@ def bad_inputs(tmp: Path, model_dir: Path) -> dict:
         "invalid yaml": (["--recipe", str(tmp / "bad.yaml")], "not valid YAML at line"),
         "unknown recipe key": (["--recipe", str(tmp / "unknown.yaml")], "unknown key 'lora_rank'; did you mean 'lora_r'?"),
         "beta": (m + ["--data", str(ok), "--beta", "-1"], "beta must be > 0"),
+        "sft weight": (m + ["--data", str(ok), "--sft-weight", "-1"], "sft_weight must be >= 0"),
         "lr": (m + ["--data", str(ok), "--lr", "0"], "lr must be > 0"),
         "lora r": (m + ["--data", str(ok), "--lora-r", "0"], "lora_r must be >= 1"),
         "length": (m + ["--data", str(ok), "--max-completion-length", "0"], "max_completion_length must be >= 1"),
@@ -88,7 +89,7 @@ def bad_inputs(tmp: Path, model_dir: Path) -> dict:
 CASES = [
     "missing file", "truncated json", "bad jsonl line", "bad csv row", "not utf-8", "truncated parquet", "unknown columns", "bad label",
     "empty dataset", "empty after split", "one class", "empty prompt", "empty completion", "invalid yaml",
-    "unknown recipe key", "beta", "lr", "lora r", "length", "eval fraction", "unknown model", "output holds a run",
+    "unknown recipe key", "beta", "sft weight", "lr", "lora r", "length", "eval fraction", "unknown model", "output holds a run",
     "output holds other files", "resume without a run", "resume with flags",
 ]
 

@@ -92,3 +92,29 @@ def test_reference_log_probs_are_cached_and_reused(tmp_path, tiny_model_dir, sep
     other.write_text("".join(line for line in separable_file.read_text().splitlines(keepends=True)[:-3]))
     run(tmp_path, "third", tiny_model_dir, other, max_steps=1, load_in_4bit=False)
     assert len(list((tmp_path / "cache" / "reference").glob("*.safetensors"))) > 2
+
+
+def test_sft_weight_adds_the_thumbs_up_nll_and_keeps_accumulation_exact(tmp_path, tiny_model_dir, separable_file):
+    """--sft-weight: the logged sft_nll is the window's per-token NLL of its thumbs-up rows, checked here from
+    the step-1 loss (at step 1 the policy is the reference, so r = 0 and BCO's part is 2 log 2); batch 8 x 1
+    and 2 x 4 give the same losses and adapter; --sft-weight 0 logs exactly what the paper's loss logs."""
+    import math
+
+    from safetensors.torch import load_file
+
+    common = dict(max_steps=3, epochs=1, load_in_4bit=False, sft_weight=0.5)
+    a = run(tmp_path, "sft", tiny_model_dir, separable_file, batch_size=8, grad_accum=1, **common)
+    b = run(tmp_path, "sft-accum", tiny_model_dir, separable_file, batch_size=2, grad_accum=4, **common)
+    (sa, _), (sb, _) = read_metrics(a.output), read_metrics(b.output)
+    assert all(m["sft_nll"] > 0 for m in sa)
+    assert sa[0]["loss"] == pytest.approx(2 * math.log(2) + 0.5 * sa[0]["sft_nll"], rel=1e-5)
+    assert [m["loss"] for m in sa] == pytest.approx([m["loss"] for m in sb], rel=1e-5)
+    assert [m["sft_nll"] for m in sa] == pytest.approx([m["sft_nll"] for m in sb], rel=1e-5)
+    wa, wb = load_file(a.output / "adapter/adapter_model.safetensors"), load_file(b.output / "adapter/adapter_model.safetensors")
+    for key in wa:
+        assert (wa[key] - wb[key]).norm() <= 1e-4 * wa[key].norm(), key
+    paper = run(tmp_path, "paper", tiny_model_dir, separable_file, max_steps=3, epochs=1, load_in_4bit=False)
+    zero = run(tmp_path, "zero", tiny_model_dir, separable_file, max_steps=3, epochs=1, load_in_4bit=False, sft_weight=0.0)
+    (sp, _), (sz, _) = read_metrics(paper.output), read_metrics(zero.output)
+    drop = lambda steps: [{k: v for k, v in m.items() if k not in ("tokens_per_s", "elapsed_s")} for m in steps]  # noqa: E731
+    assert drop(sp) == drop(sz) and "sft_nll" not in sp[0]
