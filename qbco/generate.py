@@ -21,7 +21,6 @@ from qbco.models import (
     resolve_model,
 )
 
-
 BATCH = 16  # prompts per generate() call: measured 4x faster than one at a time on SmolLM2 (docs/eval.md)
 
 

@@ -192,7 +192,8 @@ def write_doc(rows: list[dict], args) -> None:
         "",
         f"    .venv/bin/python scripts/answers_ablation.py --out runs/answers --candidates {' '.join(r['name'] for r in rows)}",
         "",
-        "| candidate | tuned success | vs base | ROC-AUC | pair acc. | drift up / down (nats/token) | reward_up / reward_down (last 10 steps) | delta | answers changed | tokens base -> tuned | steps | train time |",
+        "| candidate | tuned success | vs base | ROC-AUC | pair acc. | drift up / down (nats/token) "
+        "| reward_up / reward_down (last 10 steps) | delta | answers changed | tokens base -> tuned | steps | train time |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

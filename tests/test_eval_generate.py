@@ -27,7 +27,7 @@ def evaluated(tmp_path_factory, tiny_run):
     folder = tmp_path_factory.mktemp("eval-generate")
     run = shutil.copytree(tiny_run, folder / "run")
     rows = []
-    for k, r in enumerate(separable_rows(6)):
+    for r in separable_rows(6):
         task = "even" if int(r["prompt"].split()[1][1:]) % 2 == 0 else "odd"
         spec = {"check": {"kind": "mentions", "any": ["good"]}} if task == "even" else {"reference": "good"}
         rows.append({**r, "task": task, **spec})
