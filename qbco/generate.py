@@ -93,7 +93,7 @@ CPU_FLOAT = "fp32 NF4-dequantized base + adapter merged: the 4-bit model as trai
 
 def fast_on_cpu(config, device) -> bool:
     """A 4-bit run answers on a CPU through its float twin: bitsandbytes' 4-bit matmul is slow there (its
-    repacked inference kernel stays off, PITFALLS 13), while the NF4 weights dequantized to fp32 plus the
+    repacked inference kernel stays off, docs/pitfalls.md, 13), while the NF4 weights dequantized to fp32 plus the
     adapter are the same model (docs/eval.md has the measured speed). CUDA keeps the 4-bit path."""
     return device.type == "cpu" and config.load_in_4bit
 
@@ -129,7 +129,7 @@ class RunModels:
 
     def tuned(self):
         if self.float and not self.merged:
-            self.model = self.model.merge_and_unload()  # fp32: one rounding of W + BA (PITFALLS 17: 1.5e-5 nats/token)
+            self.model = self.model.merge_and_unload()  # fp32: one rounding of W + BA (docs/pitfalls.md, 17: 1.5e-5 nats/token)
             self.merged = True
         return nullcontext()
 

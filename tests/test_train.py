@@ -118,3 +118,21 @@ def test_sft_weight_adds_the_thumbs_up_nll_and_keeps_accumulation_exact(tmp_path
     (sp, _), (sz, _) = read_metrics(paper.output), read_metrics(zero.output)
     drop = lambda steps: [{k: v for k, v in m.items() if k not in ("tokens_per_s", "elapsed_s")} for m in steps]  # noqa: E731
     assert drop(sp) == drop(sz) and "sft_nll" not in sp[0]
+
+
+def test_sft_weight_lifts_the_thumbs_up_likelihood(tmp_path, tiny_model_dir, separable_file):
+    """docs/pitfalls.md, 18: the same run with --sft-weight 1 ends with the thumbs-up rows' rewards (their
+    log-likelihood gained over the reference) higher than without, and their per-token NLL lower than at the
+    start; both runs still classify the held-out rows."""
+    common = dict(load_in_4bit=False, lr=3e-3)
+    plain = run(tmp_path, "plain", tiny_model_dir, separable_file, **common)
+    lifted = run(tmp_path, "lifted", tiny_model_dir, separable_file, sft_weight=1.0, **common)
+    (sp, _), (sl, _) = read_metrics(plain.output), read_metrics(lifted.output)
+
+    def late(steps, key):
+        values = [m[key] for m in steps[-5:] if m[key] is not None]
+        return sum(values) / len(values)
+
+    assert late(sl, "reward_up") > late(sp, "reward_up") + 0.1
+    assert late(sl, "sft_nll") < 0.8 * sl[0]["sft_nll"]
+    assert plain.eval["eval_reward_accuracy"] >= 0.95 and lifted.eval["eval_reward_accuracy"] >= 0.95
