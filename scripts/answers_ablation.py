@@ -54,7 +54,18 @@ class BCODPOP(BCO):
         return self.with_sft(LossOutput(loss=loss, rewards=r.detach()), batch, window)
 
 
+class SFTOnly(BCO):
+    """No preference term at all: only --sft-weight times the per-token NLL of the thumbs-up rows, i.e.
+    supervised fine-tuning on the thumbs-up completions (the reference point for what BCO adds). delta is
+    still tracked, so p(up) = sigmoid(r - delta) stays defined for the classifier figures."""
+
+    def loss(self, batch, window) -> LossOutput:
+        r = implicit_rewards(batch.policy, batch.reference, self.beta)
+        return self.with_sft(LossOutput(loss=batch.policy.new_zeros(()), rewards=r.detach()), batch, window)
+
+
 OBJECTIVES["bco-dpop"] = BCODPOP
+OBJECTIVES["sft-only"] = SFTOnly
 
 # name: TrainConfig overrides (the demo defaults otherwise). "bco" is today's defaults: the paper's BCO.
 CANDIDATES = {
@@ -67,6 +78,9 @@ CANDIDATES = {
     "bco+lr1e-4": {"lr": 1e-4},
     "bco+sft1+2ep": {"sft_weight": 1.0, "epochs": 2.0},
     "bco+sft1+beta0.3": {"sft_weight": 1.0, "beta": 0.3},
+    "bco+sft3": {"sft_weight": 3.0},
+    "bco+sft1+lr1e-3": {"sft_weight": 1.0, "lr": 1e-3},
+    "sft-only": {"loss": "sft-only", "sft_weight": 1.0},
 }
 
 
