@@ -33,9 +33,13 @@ def cache_dir() -> Path:
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 on CUDA; fp32 on CPU, where bf16 matmul is about 4x slower."""
+    """auto: bf16 on a GPU that computes it natively (compute capability 8 and up: A100, RTX 30xx, H100), fp16
+    on one that does not (T4, V100: bf16 there is emulated and slow; training in fp16 gets a loss scaler); fp32
+    on a CPU, where bf16 matmul is about 4x slower than fp32."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
@@ -112,8 +116,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def load_base(path: str, load_in_4bit: bool, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
     """The frozen base: NF4 with double quantization (compute in `dtype`), or plain `dtype` weights.
-    Weights are read from safetensors only; a hub model's own code runs only with trust_remote_code."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    Weights are read from safetensors only; a hub model's own code runs only with trust_remote_code. A model
+    whose forward changes its logits in a way qbco's log-prob path does not reproduce is refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qbco.logprobs import check_against_forward, logit_transform  # here: qbco.logprobs imports this module
 
     kwargs: dict = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if load_in_4bit:
@@ -126,6 +133,7 @@ def load_base(path: str, load_in_4bit: bool, dtype: torch.dtype, device: torch.d
         )
         kwargs["device_map"] = {"": device}
     try:
+        logit_transform(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))  # before the weights
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise _hub_error(path, err) from None
@@ -133,6 +141,7 @@ def load_base(path: str, load_in_4bit: bool, dtype: torch.dtype, device: torch.d
         model.to(device)
     model.requires_grad_(False)
     disable_cpu_repack(model)
+    check_against_forward(model)  # a logit transform qbco does not apply is refused here (docs/pitfalls.md, 15)
     return model
 
 
