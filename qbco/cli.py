@@ -102,7 +102,7 @@ def train(
     max_grad_norm: Optional[float] = typer.Option(None, help="Gradient norm clip per optimizer step. (default: 1.0)"),
     seed: Optional[int] = typer.Option(None, help="Seed for LoRA init, data order and splits. (default: 0)"),
     load_in_4bit: Optional[bool] = typer.Option(None, "--4bit/--no-4bit", help="Base in 4-bit NF4 (double quantization) or plain float. (default: 4bit)"),
-    dtype: Optional[str] = typer.Option(None, help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32. (default: auto)"),
+    dtype: Optional[str] = typer.Option(None, help="Compute dtype: auto (bf16 on a GPU with native bf16, A100 / RTX 30xx and newer; fp16 with loss scaling on older ones, T4 / V100; fp32 on CPU), bf16, fp16 (always with loss scaling), fp32. (default: auto)"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (non-reentrant). (default: on)"),
     logprob_chunk: Optional[int] = typer.Option(None, help="Completion tokens per LM-head chunk: bounds the logits memory. (default: 2^24 logits' worth, 341 tokens for a 49,152-token vocabulary)"),
     save_every: Optional[int] = typer.Option(None, help="Optimizer steps between checkpoints; one is always written at the end and on Ctrl-C. (default: 50)"),

@@ -44,7 +44,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     load_in_4bit: bool = True
-    dtype: str = "auto"  # compute dtype; auto: bf16 on CUDA, fp32 on CPU
+    dtype: str = "auto"  # compute dtype; auto: bf16 on CUDA where native, else fp16 (loss-scaled); fp32 on CPU
     gradient_checkpointing: bool = True
     logprob_chunk: int | None = None  # completion tokens per LM-head chunk; None: 2^24 logits' worth (logprobs.CHUNK_LOGITS)
     save_every: int = 50  # optimizer steps between checkpoints (one is always written at the end)

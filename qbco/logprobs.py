@@ -198,7 +198,8 @@ class HeadLogps(torch.autograd.Function):
         # small difference of numbers near 1, the sum of small terms is not.
         coef.scatter_(-1, y, 0.0)
         coef.scatter_(-1, y, -coef.sum(-1, keepdim=True))
-        coef.mul_(slope)
+        if isinstance(slope, torch.Tensor) or slope != 1.0:
+            coef.mul_(slope)
         grad = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
         for start, end, w in _head_slices(head.weight):
             grad.addmm_(coef[:, start:end], w)

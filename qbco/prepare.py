@@ -46,9 +46,13 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     windows: Iterator[list[list[int]]]  # every optimizer step's rows, cut into micro-batches
+    scaler: torch.amp.GradScaler | None = field(init=False, default=None)  # fp16 only: see loss_scaler
     start_step: int = 0  # the step a resumed run continues after
     elapsed_before: float = 0.0  # training seconds before the resume
     started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.scaler = loss_scaler(compute_dtype(self.config.dtype, self.device), self.device)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -60,7 +64,7 @@ class Run:
 
     def checkpoint(self, step: int) -> Path:
         return save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, step, self.elapsed(),
-                               self.shift.state_dict(), self.config.keep)
+                               self.shift.state_dict(), self.config.keep, self.scaler)
 
 
 def prepare_run(config: TrainConfig, log=print, resume: str | Path | None = None, overwrite: bool = False) -> Run:
@@ -152,6 +156,13 @@ def log_memory_estimate(config: TrainConfig, device, log) -> None:
         pass
 
 
+def loss_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 training always gets a loss scaler: the loss is multiplied up before backward so that small
+    gradients do not flush to zero in fp16's narrow range, and a step whose gradients overflowed is skipped and
+    the scale lowered (the loop logs it). bf16 has fp32's range and fp32 needs none."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+
 def schedule(optimizer, warmup_ratio: float, total_steps: int):
     """Linear warm-up over the first warmup_ratio of the steps, then linear decay to 0."""
     warmup = int(warmup_ratio * total_steps)
@@ -180,7 +191,7 @@ def restore(run: Run, log) -> None:
     """Continue from the run's last checkpoint: weights, optimizer, scheduler, RNG and reward shift restored,
     the data order advanced past the steps done (it is a pure function of (seed, epoch)), and the metrics
     log cut back to the checkpoint's step."""
-    state = load_checkpoint(checkpoint_dirs(run.out)[-1], run.model, run.optimizer, run.scheduler)
+    state = load_checkpoint(checkpoint_dirs(run.out)[-1], run.model, run.optimizer, run.scheduler, run.scaler)
     run.start_step, run.elapsed_before = state["step"], state["elapsed_s"]
     run.shift.load_state_dict(state["shift"])
     for _ in range(run.start_step):

@@ -65,6 +65,8 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
             loss, tokens = figures["loss"], tokens + figures["tokens"]
             metrics.write({"step": step, "epoch": round(step / run.steps_per_epoch, 4), **figures,
                            "tokens_per_s": figures["tokens"] / seconds, "elapsed_s": run.elapsed()})
+            if figures["skipped"]:
+                log(f"step {step}: fp16 gradients overflowed; step skipped, loss scale lowered to {figures['loss_scale']:g}")
             if progress:
                 progress.update(task, advance=1, loss=loss, delta=figures["delta"], tps=figures["tokens"] / seconds)
             if step % config.save_every == 0 or step == run.total_steps or signals.requested:
@@ -86,25 +88,38 @@ def optimizer_step(run: Run, window: list[list[int]]) -> dict:
     """One optimizer step over a window of micro-batches: each one's loss against the window's frozen
     denominators and delta, backward; clip, step; then the reward shift's one update from every reward of the
     window (docs/pitfalls.md, 1). Returns the step's figures; raises NonFinite, with nothing updated, when the
-    loss or the gradient norm is not finite."""
+    loss or the gradient norm is not finite. In fp16 the loss is scaled for backward; a step whose gradients
+    overflowed is skipped (nothing updated, `skipped` true) and the scaler lowers its scale."""
     labels = torch.tensor([run.train_rows[i].label for rows in window for i in rows])
     frozen = run.objective.window(labels, run.shift.delta)
+    scaler = run.scaler  # fp16 only
     loss, outputs = 0.0, []
     for rows in window:
         out = run.objective.loss(micro_batch(run, rows), frozen)
-        out.loss.backward()
+        (scaler.scale(out.loss) if scaler else out.loss).backward()
         loss += out.loss.item()
         outputs.append(out)
+    if scaler:
+        scaler.unscale_(run.optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, run.config.max_grad_norm))
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    # Under a loss scaler, overflowed gradients of a finite loss are the scaler's to handle (it skips the step).
+    if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaler):
         run.optimizer.zero_grad(set_to_none=True)
         raise NonFinite("loss" if not math.isfinite(loss) else "gradient norm")
     lr = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
-    run.scheduler.step()
+    skipped = False
+    if scaler:
+        scale = scaler.get_scale()
+        scaler.step(run.optimizer)  # no update when unscale_ found inf gradients
+        scaler.update()
+        skipped = scaler.get_scale() < scale
+    else:
+        run.optimizer.step()
+    if not skipped:  # a skipped step moves neither the schedule nor the reward shift
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     rewards = torch.cat([o.rewards.cpu() for o in outputs])
-    if run.objective.shifts:
+    if run.objective.shifts and not skipped:
         run.shift.update(rewards, labels)
     return {
         "loss": loss,
@@ -112,8 +127,10 @@ def optimizer_step(run: Run, window: list[list[int]]) -> dict:
         "reward_up": float(rewards[labels].mean()) if labels.any() else None,
         "reward_down": float(rewards[~labels].mean()) if (~labels).any() else None,
         "lr": lr,
-        "grad_norm": grad_norm,
+        "grad_norm": None if skipped else grad_norm,
         "tokens": sum(len(run.train_rows[i]) for rows in window for i in rows),
+        "skipped": skipped,
+        **({"loss_scale": scaler.get_scale()} if scaler else {}),
         **run.objective.record(outputs),
     }
 
@@ -167,8 +184,9 @@ class NonFinite(Exception):
 
     def message(self, run: Run, step: int, window: list[list[int]], kept: Path) -> str:
         sources = ", ".join(run.train_rows[i].source for rows in window for i in rows)
+        fp16 = "; in fp16 activations overflow sooner: --dtype fp32 (or bf16 where the GPU has it) avoids that" if run.scaler else ""
         return (f"step {step}: the {self.what} is not finite; stopped and kept the last good state in {kept}. "
-                f"Try a lower --lr (now {run.config.lr:g}) or check the rows of this batch: {sources}")
+                f"Try a lower --lr (now {run.config.lr:g}) or check the rows of this batch: {sources}{fp16}")
 
 
 def peak_memory_mb(device: torch.device) -> float:

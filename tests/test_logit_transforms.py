@@ -136,23 +136,30 @@ def test_a_forward_that_no_config_names_is_refused_by_the_check_at_load():
         check_against_forward(model)
 
 
-def test_loading_a_model_with_an_unknown_transform_fails_before_the_weights(tmp_path, tiny_model_dir, monkeypatch):
-    """load_base reads the config first: a refused model fails with the one-line error, its weights unread."""
+def test_training_a_model_with_an_unknown_transform_fails_before_its_weights(tmp_path, tiny_model_dir, separable_file, monkeypatch):
+    """`qbco train` on a model whose config names a transform qbco does not apply: one line naming the model
+    type and the key, exit 2, nothing written, and the weights never read (the config is checked first)."""
     import shutil
 
     from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
 
-    from qbco.models import load_base
+    from qbco.cli import app
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "lm_head_multiplier": 0.5}))
     loads = []
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a))
-    with pytest.raises(QbcoError, match="lm_head_multiplier = 0.5"):
-        load_base(str(folder), load_in_4bit=False, dtype=torch.float32, device=torch.device("cpu"))
-    assert loads == []
+    original = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a) or original(*a, **k))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--quiet", "--model", str(folder), "--data", str(separable_file), "--output", str(out)],
+                                env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert "model type 'llama' transforms its logits after the LM head (lm_head_multiplier = 0.5)" in " ".join(result.output.split())
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not out.exists() and loads == []
 
 
 def test_a_gemma_model_trains_through_qbco(tmp_path, separable_file):
