@@ -39,8 +39,17 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return torch.bfloat16 if native_bf16() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def native_bf16() -> bool:
+    """Whether the current GPU computes bf16 in hardware; plain is_bf16_supported() also says True where it
+    is only emulated."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument: compute capability 8 is where native bf16 starts
+        return torch.cuda.get_device_capability()[0] >= 8
 
 
 def default_device() -> torch.device:
