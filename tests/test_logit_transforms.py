@@ -72,6 +72,37 @@ def test_log_probs_and_gradients_equal_the_models_own_forward(kind):
     assert before > 0.5, before
 
 
+def tiny_gemma3_with_vision(cap):
+    import transformers as tf
+
+    text = {**COMMON, "vocab_size": 64, "head_dim": 16, "query_pre_attn_scalar": 16, "final_logit_softcapping": cap}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=61,
+                             eoi_token_index=62, image_token_index=63)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        model.get_decoder().norm.weight.fill_(60.0)
+    return model.requires_grad_(False)
+
+
+@pytest.mark.parametrize("cap", [None, 30.0])
+def test_gemma3_with_vision_equals_its_forward_or_is_refused(cap):
+    """What AutoModelForCausalLM loads for gemma-3-4b and up, Gemma3ForConditionalGeneration, does not cap its
+    logits in its forward (transformers 5.24) even where its text config names a cap (real Gemma 3 checkpoints
+    name none, its text-only class and Gemma 3n's and PaliGemma's forwards apply it). Whichever: qbco's
+    log-probs equal the forward's, or the check at load refuses the model; the plain model is never refused."""
+    model = tiny_gemma3_with_vision(cap)
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    try:
+        check_against_forward(model)
+    except QbcoError as err:
+        assert cap is not None and "differ from the model's own forward" in str(err)
+        return
+    value_gap, grad_gap = gaps(model)
+    assert value_gap < 1e-5 and grad_gap < 1e-5, (value_gap, grad_gap)
+
+
 def test_the_transforms_read_from_the_configs():
     assert logit_transform(tiny("gemma2").config) == LogitTransform(1.0, 30.0)
     assert logit_transform(tiny("cohere").config) == LogitTransform(0.0625, None)
