@@ -114,13 +114,32 @@ def data_fingerprint(train_examples, eval_examples) -> dict[str, str]:
 def model_fingerprint(train_rows, eval_rows, base: str, load_in_4bit: bool, dtype: torch.dtype) -> dict[str, str]:
     """The token ids (the tokenizer, its chat template and the length limits decide them), the base and how
     it is loaded: the reference log-probs and every step's loss depend on them."""
-    from qbco.refcache import base_identity
-
     return {
         "token ids": digest([[e.prompt_ids, e.completion_ids] for e in train_rows + eval_rows]),
-        "base model": digest(base_identity(base)),
+        "base model": base_fingerprint(base),
         "loading of the base": f"{'4-bit' if load_in_4bit else 'not 4-bit'}, {str(dtype).removeprefix('torch.')}",
     }
+
+
+def base_fingerprint(base: str, sample: int = 1 << 20) -> str:
+    """A hub model by its id and commit; a local folder by its config and weight files' names, sizes and first
+    and last MiB. Not by their dates, unlike the reference cache's key (refcache.base_identity): a copied or
+    re-converted base is the same base, and refusing it would leave a run that cannot be resumed."""
+    from qbco.refcache import hub_revision
+
+    folder = Path(base)
+    if not folder.is_dir():
+        return f"{base}@{hub_revision(base)}"
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file()):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(sample))
+            if size > 2 * sample:
+                f.seek(size - sample)
+                h.update(f.read(sample))
+    return h.hexdigest()[:16]
 
 
 def check_inputs(run_dir: Path, checkpoint: Path, saved: dict, now: dict) -> None:

@@ -123,13 +123,20 @@ def write_part(parts: Path, rows: list[int], value: torch.Tensor) -> None:
 
 
 def write_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """A safetensors file written beside and renamed: no reader ever sees half of one."""
+    """A safetensors file written beside and renamed: no reader ever sees half of one (a full disk is a
+    run_folder.DiskFull, one line)."""
+    from qbco.run_folder import DiskFull, disk_full
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp)
         os.replace(tmp, path)
+    except Exception as err:
+        if disk_full(err, path.parent):
+            raise DiskFull(path, shutil.disk_usage(path.parent).free) from err
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
