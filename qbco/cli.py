@@ -109,19 +109,18 @@ def train(
     keep: Optional[int] = typer.Option(None, help="Checkpoints kept in RUN/checkpoints. (default: 2)"),
     allow_one_class: Optional[bool] = typer.Option(None, "--allow-one-class", help="Train BCO on data that holds only thumbs-up or only thumbs-down rows. (default: refuse)"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Run the Python code a hub model ships. (default: off)"),
-    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run from its last checkpoint, with its own config.yaml."),
+    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run from its last checkpoint, with its own config.yaml; only --lr, --max-steps, --epochs, --save-every, --keep (recorded in config.yaml) and --quiet may be given with it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run that --output already holds."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table; for scripts."),
 ) -> None:
     """Align a model on binary feedback with BCO: 4-bit base, LoRA adapters, reference = adapters off."""
-    given = [name for name, value in locals().items() if value is not None and name not in ("quiet", "overwrite", "resume")]
+    given = {name: value for name, value in locals().items() if value is not None and name not in ("quiet", "overwrite", "resume")}
     restart_under_mimalloc()  # before anything is loaded: qbco.allocator says why
-    from qbco.config import build_config
+    from qbco.config import build_config, resume_config
 
     with user_errors():
-        if resume is not None and given:
-            raise QbcoError(f"--resume continues a run with its own config.yaml; drop --{given[0].replace('_', '-')}")
-        config = build_config(
+        # On --resume only config.RESUME_OVERRIDES may be given (--lr, as the NaN stop advises); others are refused.
+        config = resume_config(resume, **given) if resume is not None else build_config(
             recipe,
             model=model, data=data, output=output, loss=loss, balance=balance, beta=beta, lr=lr, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, grad_accum=grad_accum, max_prompt_length=max_prompt_length,
@@ -142,8 +141,9 @@ def train(
             console.print(f"[bold yellow]stopped:[/] {stop}", highlight=False, soft_wrap=True)
             raise typer.Exit(stop.exit_code) from None
         except KeyboardInterrupt:
-            console.print("[bold yellow]interrupted:[/] exited at once; the last complete checkpoint is intact "
-                          "(qbco train --resume RUN continues from it)", highlight=False, soft_wrap=True)
+            console.print("[bold yellow]interrupted:[/] exited at once; checkpoints are written whole, so the last one "
+                          "is intact (qbco train --resume RUN continues from it, or from the start if none was written)",
+                          highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
     if not quiet:
         table = Table(title=f"qbco train: {result.output}", show_header=False)
@@ -216,7 +216,7 @@ def eval_(
     slice_by: Optional[str] = typer.Option(None, help="Also report every figure per value of this column (e.g. task in the demo data)."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per scoring batch. (default: the run's batch size)"),
 ) -> None:
-    """Score feedback with a run: classification, calibration, pairs, drift; writes RUN_DIR/eval/."""
+    """Score feedback with a run: classification, calibration, pairs, drift; writes RUN_DIR/eval/ (--data X: RUN_DIR/eval-X/)."""
     restart_under_mimalloc()
     with user_errors():
         from qbco.evaluate import evaluate, summary_table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,6 @@ class TrainConfig:
             (self.logprob_chunk is None or self.logprob_chunk >= 1, f"logprob_chunk must be >= 1 (got {self.logprob_chunk})"),
             (self.loss in OBJECTIVES, f"loss must be one of {', '.join(OBJECTIVES)} (got {self.loss!r})"),
             (self.balance in BALANCES, f"balance must be one of {', '.join(BALANCES)} (got {self.balance!r})"),
-            (
-                self.loss != "dpo" or self.balance == "none",
-                "--balance has no effect with --loss dpo: every pair holds one row of each class",
-            ),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})"),
         ]
         for ok, message in checks:
@@ -95,6 +92,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_settings_used(config: TrainConfig, given=()) -> None:
+    """A setting the chosen loss never reads is an error, not a silent no-op: given as a flag (`given`), or
+    set away from its default (a recipe). Which loss reads what is said on the objectives (qbco/objectives.py)."""
+    from qbco.objectives import OBJECTIVES
+
+    defaults = TrainConfig()
+    for name in OBJECTIVES[config.loss].unused_settings():
+        if name in given or getattr(config, name) != getattr(defaults, name):
+            users = [loss for loss, objective in OBJECTIVES.items() if name in objective.settings]
+            who = users[0] if len(users) == 1 else f"{', '.join(users[:-1])} and {users[-1]}"
+            raise QbcoError(f"--{name.replace('_', '-')} has no effect with --loss {config.loss} (only {who} "
+                            f"use{'s' if len(users) == 1 else ''} it); drop it")
 
 
 def field_names() -> list[str]:
@@ -130,6 +141,8 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Defaults, then the recipe's values, then every override that is not None (CLI flags given)."""
     values: dict[str, Any] = read_recipe(recipe) if recipe else {}
+    if recipe and values.get("output") and Path(values["output"]).resolve() == Path(recipe).resolve().parent:
+        del values["output"]  # RUN/config.yaml of an older run names RUN itself: a rerun makes a new run folder
     given = {k: v for k, v in overrides.items() if v is not None}
     _check_keys(given, "config")
     values.update(given)
@@ -138,7 +151,9 @@ def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainCon
     except TypeError as err:
         raise QbcoError(f"config: {err}") from None
     _coerce_types(config)
-    return config.validate()
+    config.validate()
+    check_settings_used(config, given)
+    return config
 
 
 def _coerce_types(config: TrainConfig) -> None:
@@ -161,10 +176,71 @@ def _coerce_types(config: TrainConfig) -> None:
             raise QbcoError(f"config: {f.name} must be of type {kind} (got {value!r})") from None
 
 
-def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+def save_config(config: TrainConfig, path: str | Path, notes: list[str] = ()) -> None:
+    """RUN/config.yaml: every setting but the output folder (the run is the folder the file is in, and a rerun
+    with --recipe RUN/config.yaml must make a new run, not collide with this one), after `notes` as comments
+    (the overrides of each --resume). Written beside and renamed."""
+    path = Path(path)
+    values = {**config.to_dict(), "output": None}
+    header = "".join(f"# {note}\n" for note in notes)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(header + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def config_notes(path: str | Path) -> list[str]:
+    """The comment lines save_config wrote at the top of a config.yaml."""
+    notes = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("# "):
+            break
+        notes.append(line[2:])
+    return notes
 
 
 def load_run_config(path: str | Path) -> TrainConfig:
-    """The config of a finished run (its config.yaml), as a TrainConfig."""
-    return build_config(recipe=path)
+    """The config of a run (its config.yaml), as a TrainConfig: as it ran, so a setting its loss does not use
+    (which an older qbco let through, and which did nothing) is no error here."""
+    values = read_recipe(path)
+    values.pop("output", None)  # the run is the folder config.yaml is in (older runs wrote it here)
+    try:
+        config = TrainConfig(**values)
+    except TypeError as err:
+        raise QbcoError(f"{path}: {err}") from None
+    _coerce_types(config)
+    return config.validate()
+
+
+# What `qbco train --resume RUN` may change; every other setting is fixed by the run's config.yaml (the data
+# order, the model and the loss would no longer be those the checkpoint continues).
+RESUME_OVERRIDES = ("lr", "max_steps", "epochs", "save_every", "keep")
+
+
+def resume_overrides_help() -> str:
+    return ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_OVERRIDES) + ", --quiet"
+
+
+def resume_config(run: str | Path, **overrides: Any) -> TrainConfig:
+    """The config a resumed run continues with: RUN/config.yaml, then each override given (not None), which
+    must be one of RESUME_OVERRIDES. qbco.prepare records what changed in config.yaml when the run restarts."""
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise QbcoError(f"--resume {run}: no qbco run there (config.yaml missing)")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for name in given:
+        if name not in RESUME_OVERRIDES:
+            raise QbcoError(f"--resume continues a run with its own config.yaml; --{name.replace('_', '-')} cannot "
+                            f"change (flags allowed with --resume: {resume_overrides_help()})")
+    saved = load_run_config(path)
+    try:
+        config = TrainConfig(**{**saved.to_dict(), **given})
+    except TypeError as err:
+        raise QbcoError(f"config: {err}") from None
+    _coerce_types(config)
+    return config.validate()
+
+
+def changed_settings(before: TrainConfig, after: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """{name: (before, after)} for every setting that differs, the output folder aside."""
+    a, b = before.to_dict(), after.to_dict()
+    return {k: (a[k], b[k]) for k in a if k != "output" and a[k] != b[k]}

@@ -237,8 +237,13 @@ def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int
     return [order[i : i + batch_size] for i in range(0, min(n, full), batch_size)]
 
 
-def iter_batches(encoded: list[Encoded], batch_size: int, pad_id: int) -> Iterator[Batch]:
-    """In-order batches for evaluation and reference passes, longest-first within the data to cut padding."""
+def batch_order(encoded: list[Encoded], batch_size: int) -> list[list[int]]:
+    """The rows of each batch of an evaluation or reference pass: longest first, to cut padding."""
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    for start in range(0, len(order), batch_size):
-        yield collate(encoded, order[start : start + batch_size], pad_id)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def iter_batches(encoded: list[Encoded], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """The batches of batch_order, collated."""
+    for rows in batch_order(encoded, batch_size):
+        yield collate(encoded, rows, pad_id)

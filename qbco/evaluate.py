@@ -1,10 +1,12 @@
 """`qbco eval`: score feedback rows with a finished run (one no-grad pass of the policy, one of the
-reference) and write RUN/eval/: metrics.json, reliability.png and scores.jsonl (one line per row)."""
+reference) and write metrics.json, reliability.png and scores.jsonl (one line per row) into RUN/eval/ (the
+run's held-out rows) or RUN/eval-NAME/ (`--data NAME`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from qbco.data import Example, encode_all, load_feedback, prompt_pairs, rows_to_
 from qbco.errors import QbcoError
 from qbco.loss import implicit_rewards
 from qbco.reader import read_rows
+from qbco.run_folder import atomic_folder
 from qbco.shift import RewardShift
 
 
@@ -113,19 +116,33 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
             )
         report["slices"] = {"column": slice_by, "values": values}
 
-    out = run_dir / "eval"
-    out.mkdir(exist_ok=True)
+    out = eval_folder(run_dir, data, described)
     binary = report["overall"]["binary"]
-    reliability_diagram(binary["reliability"], binary["ece"], out / "reliability.png", f"{run_dir.name}: {described}")
     rewards = implicit_rewards(policy, reference, config.beta)
     probs = metrics.p_up(rewards, delta).tolist()
-    with open(out / "scores.jsonl", "w", encoding="utf-8") as f:
-        for e, r, p, pol, ref, n in zip(examples, rewards.tolist(), probs, policy.tolist(), reference.tolist(), tokens.tolist()):
-            f.write(json.dumps({"source": e.source, "label": e.label, "reward": r, "p_up": p, "policy_logp": pol,
-                                "reference_logp": ref, "completion_tokens": n}) + "\n")
-    _write_json(out / "metrics.json", report)
+    with atomic_folder(out) as tmp:  # a rerun on the same rows replaces its own folder whole, never another's
+        reliability_diagram(binary["reliability"], binary["ece"], tmp / "reliability.png", f"{run_dir.name}: {described}")
+        with open(tmp / "scores.jsonl", "w", encoding="utf-8") as f:
+            for e, r, p, pol, ref, n in zip(examples, rewards.tolist(), probs, policy.tolist(), reference.tolist(), tokens.tolist()):
+                f.write(json.dumps({"source": e.source, "label": e.label, "reward": r, "p_up": p, "policy_logp": pol,
+                                    "reference_logp": ref, "completion_tokens": n}) + "\n")
+        _write_json(tmp / "metrics.json", report)
     report["files"] = [str(out / n) for n in ("metrics.json", "reliability.png", "scores.jsonl")]
     return report
+
+
+def eval_folder(run_dir: Path, data: str | None, described: str) -> Path:
+    """RUN/eval/ for the run's own held-out rows; RUN/eval-NAME/ for --data NAME or FILE (NAME-2, -3, ... when
+    that name already holds the figures of other rows), so no evaluation writes over another."""
+    if data is None:
+        return run_dir / "eval"
+    name = Path(data).expanduser().stem if Path(data).expanduser().is_file() else data
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "data"
+    folder, n = run_dir / f"eval-{slug}", 1
+    while (folder / "metrics.json").is_file() and json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("data") != described:
+        n += 1
+        folder = run_dir / f"eval-{slug}-{n}"
+    return folder
 
 
 def _write_json(path: Path, value: dict) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qbco.data import Encoded, iter_batches
+from qbco.data import Encoded, batch_order, collate, iter_batches
 from qbco.errors import QbcoError
 from qbco.models import reference
 
@@ -337,13 +337,21 @@ def dataset_logps(model, encoded: list[Encoded], batch_size: int, pad_id: int, d
 
 def reference_logps(model, encoded, batch_size, pad_id, device, chunk, cache_key: str | None = None) -> torch.Tensor:
     """One no-grad pass of the reference (adapters disabled) over a dataset; every later step reuses it.
-    With a cache_key (qbco.refcache.cache_key) the result is read from, or written to, the disk cache."""
-    def compute():
+    With a cache_key (qbco.refcache.cache_key) the result is read from, or written to, the disk cache, batch
+    by batch: an interrupted pass keeps its finished batches (refcache.ReferenceInterrupted says how many)."""
+    if cache_key is None or not encoded:
         with reference(model):
             return dataset_logps(model, encoded, batch_size, pad_id, device, chunk)
-
-    if cache_key is None or not encoded:
-        return compute()
     from qbco.refcache import cached
 
-    return cached(cache_key, compute)
+    def compute(rows: list[int]) -> torch.Tensor:
+        b = collate(encoded, rows, pad_id).to(device)
+        return completion_logps(model, b.input_ids, b.attention_mask, b.completion_mask, chunk)
+
+    was_training = model.training
+    model.eval()  # as in dataset_logps: safe on 4-bit CPU layers (models.disable_cpu_repack)
+    try:
+        with reference(model):
+            return cached(cache_key, len(encoded), batch_order(encoded, batch_size), compute)
+    finally:
+        model.train(was_training)

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from qbco.checkpoint import rng_state
 from qbco.config import TrainConfig
 from qbco.data import Encoded, collate
+from qbco.errors import TrainingStopped
 from qbco.logprobs import completion_logps, dataset_logps
 from qbco.loss import bco_loss, implicit_rewards
 from qbco.models import reference
@@ -24,15 +26,6 @@ from qbco.objectives import MicroBatch
 from qbco.prepare import Run, prepare_run
 from qbco.run_folder import save_adapter
 from qbco.run_log import MetricsWriter
-
-
-class TrainingStopped(Exception):
-    """Training stopped before its last step (a signal, or a non-finite loss); a checkpoint was kept.
-    `exit_code` is what the CLI exits with."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -57,10 +50,11 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
         for step in range(run.start_step + 1, run.total_steps + 1):
             step_start = time.perf_counter()
             window = next(run.windows)
+            rng = rng_state()  # dropout's draws in a step that fails must not count: they are drawn again
             try:
                 figures = optimizer_step(run, window)
-            except NonFinite as bad:  # nothing was updated: the weights before this step are the last good ones
-                raise TrainingStopped(bad.message(run, step, window, kept=run.checkpoint(step - 1)), exit_code=3) from None
+            except NonFinite as bad:  # nothing was updated: the state before this step is the last good one
+                raise TrainingStopped(bad.message(run, step, window, kept=run.checkpoint(step - 1, rng)), exit_code=3) from None
             seconds = time.perf_counter() - step_start
             loss, tokens = figures["loss"], tokens + figures["tokens"]
             metrics.write({"step": step, "epoch": round(step / run.steps_per_epoch, 4), **figures,
