@@ -34,7 +34,7 @@ from qbco.config import (
     resume_overrides_help,
     save_config,
 )
-from qbco.data import Encoded, encode_all, epoch_order, load_feedback
+from qbco.data import Encoded, check_data_source, encode_all, epoch_order, load_feedback
 from qbco.errors import QbcoError, TrainingStopped
 from qbco.logprobs import reference_logps
 from qbco.models import cache_dir, compute_dtype, default_device, load_policy, resolve_model
@@ -94,6 +94,7 @@ def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None
     config, out, changes = run_folder(config, resume, overwrite)
     since = checkpoint_dirs(out)[-1] if resume is not None and checkpoint_dirs(out) else None
     saved = saved_inputs(since) if since else {}
+    check_data_source(config.data)  # a typo fails here, before a model is converted or loaded
     resolve_model(config.model)  # an unknown name fails here, before anything is loaded or written
     # Everything that can fail on the user's input fails before the run folder is touched.
     train_examples, eval_examples = load_feedback(config.data, config.eval_fraction, config.seed)
@@ -206,7 +207,8 @@ def describe_data(train_rows: list[Encoded], eval_rows: list[Encoded], log) -> N
     cut_p = sum(e.prompt_cut for e in train_rows + eval_rows)
     cut_c = sum(e.completion_cut for e in train_rows + eval_rows)
     if cut_p or cut_c:
-        log(f"truncated: {cut_p} prompts (from the left), {cut_c} completions (from the right)")
+        log(f"truncated: {cut_p} prompts (from their earliest turns; the template's head and the final turn kept), "
+            f"{cut_c} completions (from the right)")
 
 
 def log_memory_estimate(config: TrainConfig, device, log) -> None:
