@@ -70,11 +70,14 @@ def run_delta(run_dir: Path, config) -> float:
     return shift.delta
 
 
-def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None = None, batch_size: int | None = None, log=print) -> dict:
-    """Score the rows, compute every figure (overall and per slice), write RUN/eval/; returns the report."""
+def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None = None, batch_size: int | None = None, log=print,
+             progress=None) -> dict:
+    """Score the rows, compute every figure (overall and per slice), write RUN/eval/; returns the report.
+    `progress` (the CLI's rich Progress, or None) shows the scoring."""
     from qbco.logprobs import dataset_logps, reference_logps
     from qbco.models import compute_dtype, load_run, resolve_model
     from qbco.plot import reliability_diagram
+    from qbco.progress import Wait
     from qbco.refcache import cache_key
 
     run_dir = Path(run_dir)
@@ -89,9 +92,11 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
     size, pad = batch_size or config.batch_size, tokenizer.pad_token_id
 
     started = time.perf_counter()
-    policy = dataset_logps(model, encoded, size, pad, device, config.logprob_chunk)
+    wait = Wait(progress, "scoring: policy, then reference", 2 * len(encoded))
+    policy = dataset_logps(model, encoded, size, pad, device, config.logprob_chunk, wait)
     key = cache_key(resolve_model(config.model), config.load_in_4bit, compute_dtype(config.dtype, device), device, encoded)
-    reference = reference_logps(model, encoded, size, pad, device, config.logprob_chunk, key)
+    reference = reference_logps(model, encoded, size, pad, device, config.logprob_chunk, key, wait.after(len(encoded)))
+    wait(2 * len(encoded))  # a cached reference needs no pass
     log(f"scored {len(encoded)} rows with policy and reference in {time.perf_counter() - started:.1f}s")
 
     labels = torch.tensor([e.label for e in examples])

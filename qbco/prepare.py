@@ -39,6 +39,7 @@ from qbco.errors import QbcoError, TrainingStopped
 from qbco.logprobs import reference_logps
 from qbco.models import cache_dir, compute_dtype, default_device, load_policy, resolve_model
 from qbco.objectives import Objective, build_objective
+from qbco.progress import Wait
 from qbco.refcache import ReferenceInterrupted, cache_key
 from qbco.run_folder import check_run_folder, default_output
 from qbco.run_log import keep_steps
@@ -88,14 +89,16 @@ class Run:
                                self.shift.state_dict(), self.config.keep, self.inputs, rng, self.scaler)
 
 
-def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None = None, overwrite: bool = False) -> Run:
+def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None = None, overwrite: bool = False,
+                progress=None) -> Run:
     """The run `config` describes, or the run at `resume` ready to continue: with its own config.yaml, but for
-    the settings config.RESUME_OVERRIDES lets a resume change (`config` carries them; None changes nothing)."""
+    the settings config.RESUME_OVERRIDES lets a resume change (`config` carries them; None changes nothing).
+    `progress` (the CLI's rich Progress, or None) shows the reference pass."""
     config, out, changes = run_folder(config, resume, overwrite)
     since = checkpoint_dirs(out)[-1] if resume is not None and checkpoint_dirs(out) else None
     saved = saved_inputs(since) if since else {}
     check_data_source(config.data)  # a typo fails here, before a model is converted or loaded
-    resolve_model(config.model)  # an unknown name fails here, before anything is loaded or written
+    resolve_model(config.model, log)  # an unknown name fails here, before anything is loaded or written
     # Everything that can fail on the user's input fails before the run folder is touched.
     train_examples, eval_examples = load_feedback(config.data, config.eval_fraction, config.seed)
     inputs = data_fingerprint(train_examples, eval_examples)
@@ -121,7 +124,7 @@ def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None
         publish(out, config)
 
     ref_train, ref_eval = reference_pass(model, tokenizer, train_rows, eval_rows, config, base_path, dtype, device, out,
-                                         since, log)
+                                         since, log, progress)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     run = Run(config, out, device, tokenizer, model, objective, train_rows, eval_rows, ref_train, ref_eval,
@@ -178,16 +181,17 @@ def publish(out: Path, config: TrainConfig) -> None:
     save_config(config, out / "config.yaml")
 
 
-def reference_pass(model, tokenizer, train_rows, eval_rows, config, base_path, dtype, device, out, since, log):
-    """The reference log-probs of the training and held-out rows (one pass each, cached on disk in parts).
-    Ctrl-C keeps the finished part in the cache and stops with a message that says so and how to go on
-    (`since`: the checkpoint a resumed run continues from, which stays as it was)."""
+def reference_pass(model, tokenizer, train_rows, eval_rows, config, base_path, dtype, device, out, since, log, progress=None):
+    """The reference log-probs of the training and held-out rows (one pass each, cached on disk in parts), on
+    one progress bar. Ctrl-C keeps the finished part in the cache and stops with a message that says so and how
+    to go on (`since`: the checkpoint a resumed run continues from, which stays as it was)."""
     started, done, values = time.perf_counter(), 0, []
+    wait = Wait(progress, "reference log-probs", len(train_rows) + len(eval_rows))
     for rows in (train_rows, eval_rows):
         key = cache_key(base_path, config.load_in_4bit, dtype, device, rows)
         try:
             values.append(reference_logps(model, rows, config.batch_size, tokenizer.pad_token_id, device,
-                                          config.logprob_chunk, key))
+                                          config.logprob_chunk, key, wait.after(done)))
         except ReferenceInterrupted as cut:
             total = len(train_rows) + len(eval_rows)
             raise TrainingStopped(

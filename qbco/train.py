@@ -24,6 +24,7 @@ from qbco.loss import bco_loss, implicit_rewards
 from qbco.models import reference
 from qbco.objectives import MicroBatch
 from qbco.prepare import Run, prepare_run
+from qbco.progress import Wait
 from qbco.run_folder import save_adapter
 from qbco.run_log import MetricsWriter
 
@@ -41,7 +42,7 @@ class RunResult:
 
 def train(config: TrainConfig, progress=None, log=print, resume: str | Path | None = None, overwrite: bool = False) -> RunResult:
     """Run one training run as `config` says, or continue the run at `resume`; returns what the summary shows."""
-    run = prepare_run(config, log, resume, overwrite)
+    run = prepare_run(config, log, resume, overwrite, progress)
     config, out, loss, tokens = run.config, run.out, None, 0
     task = progress.add_task("training", total=run.total_steps, completed=run.start_step, loss=float("nan"),
                              delta=run.shift.delta, tps=0.0) if progress else None
@@ -69,7 +70,7 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
                 raise TrainingStopped(f"{signals.requested} at step {step} of {run.total_steps}: checkpoint written to "
                                       f"{kept}. Continue with: qbco train --resume {out}", exit_code=130)
         elapsed = run.elapsed()
-        held_out = held_out_figures(run)
+        held_out = held_out_figures(run, progress)
         if held_out:
             metrics.write({"split": "eval", "step": run.total_steps, "delta": run.shift.delta, **held_out})
     save_adapter(run.model, run.tokenizer, out / "adapter", run.shift)
@@ -154,13 +155,14 @@ def mismatched_logps(run: Run, rows: list[int]) -> tuple[torch.Tensor, torch.Ten
     return policy, ref
 
 
-def held_out_figures(run: Run) -> dict:
+def held_out_figures(run: Run, progress=None) -> dict:
     """eval_loss (BCO with the final delta, per-class means) and the share of held-out rows classified right
     by sign(r - delta); delta is 0 for an objective that never shifts. Empty without held-out rows."""
     if not run.eval_rows:
         return {}
     c = run.config
-    policy = dataset_logps(run.model, run.eval_rows, c.batch_size, run.tokenizer.pad_token_id, run.device, c.logprob_chunk)
+    policy = dataset_logps(run.model, run.eval_rows, c.batch_size, run.tokenizer.pad_token_id, run.device, c.logprob_chunk,
+                           Wait(progress, "held-out evaluation", len(run.eval_rows)))
     rewards = implicit_rewards(policy, run.ref_eval, c.beta)
     labels = torch.tensor([e.label for e in run.eval_rows])
     delta = run.shift.delta
