@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GiB = 2**30
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 absmax per 256 blocks
 
 
@@ -43,7 +44,9 @@ def estimate(hf_config, config, dtype_bytes: int) -> Estimate:
     bias = n_layers * (heads * hd + 2 * kv * hd) if getattr(hf_config, "attention_bias", False) else 0
     embeddings = vocab * h * (1 if getattr(hf_config, "tie_word_embeddings", False) else 2)
     norms = (2 * n_layers + 1) * h
-    lora = n_layers * sum(config.lora_r * (i + o) for i, o in shapes) if config.lora_targets == "all-linear" else 0
+    # shapes follow LLAMA_LINEARS; a --lora-targets list adapts the layers it names (as peft matches them, by name)
+    wanted = None if config.lora_targets == "all-linear" else {t.strip() for t in config.lora_targets.split(",")}
+    lora = n_layers * sum(config.lora_r * (i + o) for name, (i, o) in zip(LLAMA_LINEARS, shapes) if wanted is None or name in wanted)
     tokens = config.batch_size * (config.max_prompt_length + config.max_completion_length)
     layer_peak = tokens * (6 * h + 4 * inter) * dtype_bytes  # one layer's activations, held for its backward
     saved = tokens * h * dtype_bytes * n_layers if config.gradient_checkpointing else layer_peak * n_layers

@@ -1,5 +1,6 @@
 """The memory estimate's parameter counts against the real models (transformers' and peft's own counts)."""
 
+import pytest
 import torch
 from transformers import AutoConfig
 
@@ -16,6 +17,19 @@ def test_counts_match_the_real_model_and_adapters(tiny_model_dir):
     assert est.base_params == base.num_parameters()
     model = attach_lora(base, r=4, alpha=8, dropout=0.0, targets="all-linear", gradient_checkpointing=False)
     assert est.lora_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("targets", ["q_proj,v_proj", "q_proj, k_proj, v_proj, o_proj", "gate_proj,up_proj,down_proj", "o_proj"])
+def test_lora_counts_for_a_list_of_targets_match_peft(tiny_model_dir, targets):
+    """A --lora-targets list printed 0 GiB for the adapters; the count is peft's own for every list."""
+    hf_config = AutoConfig.from_pretrained(tiny_model_dir)
+    config = TrainConfig(lora_r=4, load_in_4bit=False, lora_targets=targets)
+    est = estimate(hf_config, config, dtype_bytes=4)
+    base = load_base(str(tiny_model_dir), load_in_4bit=False, dtype=torch.float32, device=torch.device("cpu"))
+    model = attach_lora(base, r=4, alpha=8, dropout=0.0, targets=targets, gradient_checkpointing=False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert est.lora_params == trainable > 0
+    assert est.lora_bytes == 16 * trainable  # fp32 weights, gradients and AdamW's two moments
 
 
 def test_qwen_scale_figures_are_what_the_hand_arithmetic_says():
