@@ -126,8 +126,9 @@ def complete(model, tokenizer, prompt, sampling: Sampling, device) -> str:
 
     text, templated = prompt_text(prompt, tokenizer)
     inputs = tokenizer(text, add_special_tokens=not templated, return_tensors="pt").to(device)
+    stops = stop_ids(model, tokenizer)
     options = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
-               "eos_token_id": tokenizer.eos_token_id, "use_cache": True}
+               "eos_token_id": stops, "use_cache": True}
     if sampling.temperature > 0:
         options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
     else:
@@ -136,7 +137,18 @@ def complete(model, tokenizer, prompt, sampling: Sampling, device) -> str:
     # in their answers comes from the weights, not from the draw.
     torch.manual_seed(sampling.seed)
     out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **options)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    answer = out[0, inputs["input_ids"].shape[1]:].tolist()
+    if answer and answer[-1] in stops:  # a stop id need not be a special token that decoding skips
+        answer = answer[:-1]
+    return tokenizer.decode(answer, skip_special_tokens=True).strip()
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the model's generation config may list several (Qwen 2.5: <|im_end|> and
+    <|endoftext|>), besides the tokenizer's own EOS."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = listed if isinstance(listed, (list, tuple)) else [listed]
+    return list(dict.fromkeys(i for i in (*listed, tokenizer.eos_token_id) if i is not None))
 
 
 def generate(target: str | Path, prompts: list, sampling: Sampling, compare: bool = False,
