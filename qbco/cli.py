@@ -10,15 +10,18 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from qbco.allocator import active, restart_under_mimalloc
 from qbco.errors import QbcoError
@@ -37,8 +40,8 @@ def user_errors():
     """A QbcoError is one red line and exit code 2, never a traceback."""
     try:
         yield
-    except QbcoError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    except QbcoError as err:  # escaped: a message may hold brackets ("pip install 'qbco[eval]'") that are not markup
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -56,18 +59,29 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+class _StepFigures(ProgressColumn):
+    """The training bar's loss, delta and tokens/s; nothing on the bars of the waits around it."""
+
+    def render(self, task) -> Text:
+        f = task.fields
+        return Text(f"loss {f['loss']:.4f}  delta {f['delta']:+.4f}  {f['tps']:.0f} tok/s" if "loss" in f else "")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _StepFigures(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+def _log(message) -> None:
+    console.print(message, highlight=False)
+
+
 def _run(run_training, config, quiet: bool, resume, overwrite: bool):
-    """The training run, under a rich progress bar unless quiet."""
+    """The training run, under rich progress bars unless quiet."""
     if quiet:
         return run_training(config, progress=None, log=lambda message: None, resume=resume, overwrite=overwrite)
-    log = lambda message: console.print(message, highlight=False)  # noqa: E731
-    columns = [
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  delta {task.fields[delta]:+.4f}  {task.fields[tps]:.0f} tok/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console, transient=False) as progress:
-        return run_training(config, progress=progress, log=log, resume=resume, overwrite=overwrite)
+    with _progress() as progress:
+        return run_training(config, progress=progress, log=_log, resume=resume, overwrite=overwrite)
 
 
 @app.callback()
@@ -79,7 +93,7 @@ def main() -> None:
 def train(
     model: Optional[str] = typer.Option(None, help="Model: smollm2-135m (offline), qwen2.5-3b, qwen2.5-7b, llama-3.2-3b, llama-3.1-8b, a local folder or a hub id. (default: smollm2-135m)"),
     data: Optional[str] = typer.Option(None, help="Feedback: 'demo' (bundled), a registered name (qbco datasets) or a .jsonl/.json/.csv/.tsv/.parquet file with prompt, completion, label. (default: demo)"),
-    recipe: Optional[Path] = typer.Option(None, help="A YAML recipe (recipes/*.yaml) that supplies defaults; flags override it."),
+    recipe: Optional[str] = typer.Option(None, help="A YAML recipe file, a shipped recipe's name (qwen2.5-3b-helpsteer2, smollm2-135m-demo) or 'none'. Without it, the shipped recipe written for this --model and --data is applied when there is one. Flags override a recipe."),
     output: Optional[str] = typer.Option(None, help="Run folder. (default: runs/<model>-<data>-<timestamp>)"),
     loss: Optional[str] = typer.Option(None, help="bco (reward shift delta, Eq. 7), bce (delta fixed at 0), kto (Ethayarajh et al. 2024) or dpo (pairs of rows sharing a prompt). (default: bco)"),
     balance: Optional[str] = typer.Option(None, help="Class imbalance: none (BCO's per-class means already weigh both classes equally), oversample (repeat minority-class rows, as the paper did for HelpSteer2) or weight (class weights from the dataset's shares; see docs/data.md). (default: none)"),
@@ -116,12 +130,13 @@ def train(
     """Align a model on binary feedback with BCO: 4-bit base, LoRA adapters, reference = adapters off."""
     given = {name: value for name, value in locals().items() if value is not None and name not in ("quiet", "overwrite", "resume")}
     restart_under_mimalloc()  # before anything is loaded: qbco.allocator says why
-    from qbco.config import build_config, resume_config
+    from qbco.config import build_config, choose_recipe, resume_config
 
     with user_errors():
+        recipe_file, matched = choose_recipe(recipe, model, data) if resume is None else (None, None)
         # On --resume only config.RESUME_OVERRIDES may be given (--lr, as the NaN stop advises); others are refused.
         config = resume_config(resume, **given) if resume is not None else build_config(
-            recipe,
+            recipe_file,
             model=model, data=data, output=output, loss=loss, balance=balance, beta=beta, lr=lr, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, grad_accum=grad_accum, max_prompt_length=max_prompt_length,
             max_completion_length=max_completion_length, lora_r=lora_r, lora_alpha=lora_alpha,
@@ -131,6 +146,8 @@ def train(
             logprob_chunk=logprob_chunk, save_every=save_every, keep=keep, allow_one_class=allow_one_class,
             trust_remote_code=trust_remote_code,
         )
+        if matched and not quiet:
+            _log(matched)
         _quiet_libraries()
         from qbco.train import TrainingStopped
         from qbco.train import train as run_training
@@ -138,7 +155,7 @@ def train(
         try:
             result = _run(run_training, config, quiet, resume, overwrite)
         except TrainingStopped as stop:  # reported even with --quiet: it says how to go on
-            console.print(f"[bold yellow]stopped:[/] {stop}", highlight=False, soft_wrap=True)
+            console.print(f"[bold yellow]stopped:[/] {escape(str(stop))}", highlight=False, soft_wrap=True)
             raise typer.Exit(stop.exit_code) from None
         except KeyboardInterrupt:
             console.print("[bold yellow]interrupted:[/] exited at once; checkpoints are written whole, so the last one "
@@ -224,8 +241,8 @@ def eval_(
         if batch_size is not None and batch_size < 1:
             raise QbcoError(f"--batch-size must be >= 1 (got {batch_size})")
         _quiet_libraries()
-        report = evaluate(run_dir, data=data, slice_by=slice_by, batch_size=batch_size,
-                          log=lambda message: console.print(message, highlight=False))
+        with _progress() as progress:
+            report = evaluate(run_dir, data=data, slice_by=slice_by, batch_size=batch_size, log=_log, progress=progress)
     Console().print(summary_table(report))
     for path in report["files"]:
         console.print(f"wrote {path}", highlight=False)

@@ -13,6 +13,7 @@ import yaml
 
 from qbco.errors import QbcoError
 
+RECIPES = Path(__file__).with_name("recipes")  # in the package, so that `pip install qbco` has them
 BALANCES = ("none", "oversample", "weight")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
@@ -121,11 +122,46 @@ def _check_keys(keys, where: str) -> None:
             raise QbcoError(f"{where}: unknown key '{key}'{hint}")
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that come with qbco, by name (file stem)."""
+    return {p.stem: p for p in sorted(RECIPES.glob("*.yaml"))}
+
+
+def choose_recipe(recipe: str | None, model: str | None, data: str | None) -> tuple[Path | None, str | None]:
+    """(the recipe `qbco train` reads, a line naming a matched one). --recipe none: no recipe; a shipped
+    recipe's name or a file: that one. No --recipe: the shipped recipe written for this (model, data) pair,
+    when there is one, so that `--model qwen2.5-3b --data helpsteer2` runs the paper's settings, not the
+    demo's defaults. Flags still override whatever the recipe sets."""
+    if recipe is not None:
+        if recipe.strip().lower() == "none":
+            return None, None
+        return shipped_recipes().get(recipe, Path(recipe)), None
+    model = model or TrainConfig.model
+    data = data or TrainConfig.data
+    for name, path in shipped_recipes().items():
+        values = read_recipe(path)
+        if _same_model(values.get("model"), model) and values.get("data") == data:
+            defaults = TrainConfig().to_dict()
+            changed = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
+                       if k not in ("model", "data") and defaults.get(k) != v]
+            what = ", ".join(changed) if changed else "the defaults"
+            return path, (f"recipe {name} (shipped for --model {values['model']} --data {data}): {what}; "
+                          "a flag overrides any of it, --recipe none turns it off")
+    return None, None
+
+
+def _same_model(a: str | None, b: str) -> bool:
+    """One model by its alias or its hub id (qwen2.5-3b is Qwen/Qwen2.5-3B-Instruct)."""
+    from qbco.models import MODEL_ALIASES
+
+    return a is not None and MODEL_ALIASES.get(a, a).lower() == MODEL_ALIASES.get(b, b).lower()
+
+
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """The key/value pairs of a YAML recipe, checked against TrainConfig's fields."""
     path = Path(path)
     if not path.is_file():
-        raise QbcoError(f"recipe not found: {path}")
+        raise QbcoError(f"recipe not found: {path} (shipped recipes: {', '.join(shipped_recipes())}; or --recipe none)")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
