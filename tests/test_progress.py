@@ -43,7 +43,8 @@ def settings(tmp_path, model_dir, data, name, **extra):
     return build_config(**{**values, **extra})
 
 
-def test_reference_pass_and_held_out_evaluation_show_their_rows(tmp_path, tiny_model_dir, separable_file):
+def test_reference_pass_and_held_out_evaluation_show_their_rows(tmp_path, tiny_model_dir, separable_file, monkeypatch):
+    monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))  # an empty reference cache: the pass really runs
     config = settings(tmp_path, tiny_model_dir, separable_file, "run")
     train_rows, eval_rows = load_feedback(config.data, config.eval_fraction, config.seed)
     sink = Recorder()
@@ -63,7 +64,8 @@ def test_reference_pass_and_held_out_evaluation_show_their_rows(tmp_path, tiny_m
     assert again.named("reference log-probs") == [] and len(again.named("held-out evaluation")) == 1
 
 
-def test_the_cli_shows_the_waits_and_quiet_shows_nothing(tmp_path, tiny_model_dir, separable_file):
+def test_the_cli_shows_the_waits_and_quiet_shows_nothing(tmp_path, tiny_model_dir, separable_file, monkeypatch):
+    monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))
     common = ["train", "--model", str(tiny_model_dir), "--data", str(separable_file), "--eval-fraction", "0.25",
               "--max-steps", "2", "--batch-size", "8", "--max-prompt-length", "32", "--max-completion-length", "16"]
     shown = runner.invoke(app, [*common, "--output", str(tmp_path / "shown"), "--seed", "1"], env={"COLUMNS": "200"})
@@ -75,15 +77,18 @@ def test_the_cli_shows_the_waits_and_quiet_shows_nothing(tmp_path, tiny_model_di
 
 
 def test_qbco_eval_shows_its_scoring(tmp_path, tiny_run):
+    import shutil
+
     from qbco.evaluate import evaluate
 
+    run = shutil.copytree(tiny_run, tmp_path / "run")  # eval writes RUN/eval/; the shared run stays as it is
     sink = Recorder()
-    report = evaluate(tiny_run, progress=sink, log=lambda m: None)
+    report = evaluate(run, progress=sink, log=lambda m: None)
     (scoring,) = sink.tasks
     rows = report["overall"]["binary"]["rows"]
     assert scoring["description"].startswith("scoring") and scoring["total"] == 2 * rows
     assert scoring["completed"][-1] == 2 * rows and scoring["completed"] == sorted(scoring["completed"])
-    result = runner.invoke(app, ["eval", str(tiny_run)], env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["eval", str(run)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "scoring: policy, then reference" in result.output
 
