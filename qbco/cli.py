@@ -117,7 +117,8 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Seed for LoRA init, data order and splits. (default: 0)"),
     load_in_4bit: Optional[bool] = typer.Option(None, "--4bit/--no-4bit", help="Base in 4-bit NF4 (double quantization) or plain float. (default: 4bit)"),
     dtype: Optional[str] = typer.Option(None, help="Compute dtype: auto (bf16 on a GPU with native bf16, A100 / RTX 30xx and newer; fp16 with loss scaling on older ones, T4 / V100; fp32 on CPU), bf16, fp16 (always with loss scaling), fp32. (default: auto)"),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (non-reentrant). (default: on)"),
+    gradient_checkpointing: Optional[str] = typer.Option(None, help="Recompute activations in backward: auto (every k-th decoder layer, k chosen from the memory estimate against --memory-budget: as few as fit), on (every layer, the least memory), off. (default: auto)"),
+    memory_budget: Optional[float] = typer.Option(None, help="GiB that --gradient-checkpointing auto plans for. (default: the free GPU memory less 10% of the card; on a CPU 20% of the available RAM)"),
     logprob_chunk: Optional[int] = typer.Option(None, help="Completion tokens per LM-head chunk: bounds the logits memory. (default: 2^24 logits' worth, 341 tokens for a 49,152-token vocabulary)"),
     save_every: Optional[int] = typer.Option(None, help="Optimizer steps between checkpoints; one is always written at the end and on Ctrl-C. (default: 50)"),
     keep: Optional[int] = typer.Option(None, help="Checkpoints kept in RUN/checkpoints. (default: 2)"),
@@ -142,7 +143,7 @@ def train(
             max_completion_length=max_completion_length, lora_r=lora_r, lora_alpha=lora_alpha,
             lora_dropout=lora_dropout, lora_targets=lora_targets, eval_fraction=eval_fraction, ema_decay=ema_decay,
             warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
-            load_in_4bit=load_in_4bit, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+            load_in_4bit=load_in_4bit, dtype=dtype, gradient_checkpointing=gradient_checkpointing, memory_budget=memory_budget,
             logprob_chunk=logprob_chunk, save_every=save_every, keep=keep, allow_one_class=allow_one_class,
             trust_remote_code=trust_remote_code,
         )

@@ -16,6 +16,7 @@ from qbco.errors import QbcoError
 RECIPES = Path(__file__).with_name("recipes")  # in the package, so that `pip install qbco` has them
 BALANCES = ("none", "oversample", "weight")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+CHECKPOINTING = ("auto", "on", "off")
 
 
 @dataclass
@@ -47,7 +48,10 @@ class TrainConfig:
     seed: int = 0
     load_in_4bit: bool = True
     dtype: str = "auto"  # compute dtype; auto: bf16 on CUDA where native, else fp16 (loss-scaled); fp32 on CPU
-    gradient_checkpointing: bool = True
+    # auto: every k-th decoder layer, k the fewest checkpointed layers whose memory estimate fits memory_budget;
+    # on: every layer; off: none. A recipe's true / false (YAML's on / off) mean on / off.
+    gradient_checkpointing: str = "auto"
+    memory_budget: float | None = None  # GiB for auto; None: free CUDA memory less a margin, on a CPU a share of the RAM
     logprob_chunk: int | None = None  # completion tokens per LM-head chunk; None: 2^24 logits' worth (logprobs.CHUNK_LOGITS)
     save_every: int = 50  # optimizer steps between checkpoints (one is always written at the end)
     keep: int = 2  # checkpoints kept
@@ -85,6 +89,11 @@ class TrainConfig:
             (self.loss in OBJECTIVES, f"loss must be one of {', '.join(OBJECTIVES)} (got {self.loss!r})"),
             (self.balance in BALANCES, f"balance must be one of {', '.join(BALANCES)} (got {self.balance!r})"),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})"),
+            (
+                self.gradient_checkpointing in CHECKPOINTING,
+                f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)} (got {self.gradient_checkpointing!r})",
+            ),
+            (self.memory_budget is None or self.memory_budget > 0, f"memory_budget must be > 0 GiB (got {self.memory_budget})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -194,6 +203,8 @@ def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainCon
 
 def _coerce_types(config: TrainConfig) -> None:
     """YAML gives ints where floats are meant (lr: 1 is fine) and strings like '1e-4'; make them the field's type."""
+    if isinstance(config.gradient_checkpointing, bool):  # recipes and run configs from before auto, YAML's on / off
+        config.gradient_checkpointing = "on" if config.gradient_checkpointing else "off"
     for f in fields(config):
         value = getattr(config, f.name)
         if value is None:

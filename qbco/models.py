@@ -210,19 +210,56 @@ def lora_target_modules(model: torch.nn.Module, targets: str) -> list[str]:
     return sorted(names)
 
 
-def attach_lora(model, r: int, alpha: int, dropout: float, targets: str, gradient_checkpointing: bool):
-    """A PeftModel with fresh adapters (B = 0, so policy == reference at step 0)."""
+def enable_checkpointing(model, every_n_layers: int | None) -> None:
+    """Checkpoint decoder layers 0, n, 2n, ... (transformers' own `every_n_layers`; 1: every layer) or, with
+    None, none. Non-reentrant: it gives LoRA gradients even though no input requires grad (the reentrant kind
+    trains nothing: docs/pitfalls.md, 8). May be called again on the same model to change n."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.use_cache = False
+    if every_n_layers is None:
+        if checkpointed_layers(base):
+            off = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+            off()
+            base.disable_input_require_grads()  # the embedding hook that enabling added: no use without it
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+
+
+def checkpointed_layers(model) -> list[int]:
+    """Indices of the decoder layers that recompute their activations in backward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    return [i for i, m in enumerate(layers) if m.gradient_checkpointing]
+
+
+def apply_checkpointing(model, config, encoded, device: torch.device):
+    """The run's checkpointing (qbco.memory.plan at its longest encoded row), set on the model; returns the
+    plan, whose estimate line the run prints and whose summary it reports (None where the model's config
+    gives no estimate: then every layer unless off)."""
+    from qbco.memory import plan
+
+    longest = max((len(e) for e in encoded), default=config.max_prompt_length + config.max_completion_length)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        p = plan(base.config, config, compute_dtype(config.dtype, device).itemsize, longest, device)
+    except (AttributeError, TypeError):  # not a llama-style decoder config: no estimate, the safe choice
+        enable_checkpointing(model, None if config.gradient_checkpointing == "off" else 1)
+        return None
+    enable_checkpointing(model, p.every_n)
+    return p
+
+
+def attach_lora(model, r: int, alpha: int, dropout: float, targets: str, every_n_layers: int | None = 1):
+    """A PeftModel with fresh adapters (B = 0, so policy == reference at step 0), checkpointing every
+    `every_n_layers`-th decoder layer (None: none; see enable_checkpointing)."""
     from peft import LoraConfig, get_peft_model
 
-    if gradient_checkpointing:
-        # Non-reentrant checkpointing gives LoRA gradients even though no input requires grad
-        # (the reentrant kind trains nothing: docs/pitfalls.md, 8).
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.config.use_cache = False
+    enable_checkpointing(model, every_n_layers)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -243,9 +280,9 @@ def load_policy(config, device: torch.device | None = None):
     path = resolve_model(config.model)
     tokenizer = load_tokenizer(path, config.trust_remote_code)
     base = load_base(path, config.load_in_4bit, compute_dtype(config.dtype, device), device, config.trust_remote_code)
-    model = attach_lora(
-        base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.gradient_checkpointing
-    )
+    # auto starts from every layer; the training loop sets the n its memory plan chose (enable_checkpointing)
+    every_n = None if config.gradient_checkpointing == "off" else 1
+    model = attach_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, every_n)
     model.train()
     return tokenizer, model, path
 
