@@ -170,6 +170,7 @@ def train(
             ("time", f"{result.elapsed_s:.1f} s"),
             ("tokens/s", f"{result.tokens_per_s:.0f}"),
             ("peak memory", f"{result.peak_memory_mb:.0f} MiB"),
+            ("checkpointing", result.checkpointing.summary() if result.checkpointing else f"{config.gradient_checkpointing} (no estimate for this model)"),
             ("allocator", active()),
             ("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-"),
             ("held-out reward accuracy", f"{result.eval['eval_reward_accuracy']:.3f}" if result.eval else "no held-out rows"),

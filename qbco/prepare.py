@@ -37,7 +37,7 @@ from qbco.config import (
 from qbco.data import Encoded, check_data_source, encode_all, epoch_order, load_feedback
 from qbco.errors import QbcoError, TrainingStopped
 from qbco.logprobs import reference_logps
-from qbco.models import cache_dir, compute_dtype, default_device, load_policy, resolve_model
+from qbco.models import apply_checkpointing, cache_dir, compute_dtype, default_device, load_policy, resolve_model
 from qbco.objectives import Objective, build_objective
 from qbco.progress import Wait
 from qbco.refcache import ReferenceInterrupted, cache_key
@@ -71,6 +71,7 @@ class Run:
     elapsed_before: float = 0.0  # training seconds before the resume
     started: float = field(default_factory=time.perf_counter)
     inputs: dict = field(default_factory=dict)  # the fingerprint every checkpoint records (checkpoint.py)
+    checkpointing: object = None  # qbco.memory.Plan: the layers checkpointed, the budget, the estimate
 
     def __post_init__(self):
         self.scaler = loss_scaler(compute_dtype(self.config.dtype, self.device), self.device)
@@ -120,6 +121,9 @@ def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None
     inputs |= model_fingerprint(train_rows, eval_rows, base_path, config.load_in_4bit, dtype)
     check_inputs(out, since, saved, inputs)
     describe_data(train_rows, eval_rows, log)
+    checkpointing = apply_checkpointing(model, config, train_rows + eval_rows, device)  # k from the longest rows
+    if checkpointing is not None:
+        log(checkpointing.estimate.line(config, checkpointing.every_n, checkpointing.budget))
     if resume is None:
         publish(out, config)
 
@@ -129,7 +133,7 @@ def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None
                                   weight_decay=config.weight_decay)
     run = Run(config, out, device, tokenizer, model, objective, train_rows, eval_rows, ref_train, ref_eval,
               optimizer, schedule(optimizer, config.warmup_ratio, total_steps), RewardShift(config.ema_decay),
-              steps_per_epoch, total_steps, step_windows(units, config), inputs=inputs)
+              steps_per_epoch, total_steps, step_windows(units, config), inputs=inputs, checkpointing=checkpointing)
     if resume is not None:
         restore(run, since, changes, log)
     return run

@@ -21,6 +21,7 @@ from qbco.data import Encoded, collate
 from qbco.errors import TrainingStopped
 from qbco.logprobs import completion_logps, dataset_logps
 from qbco.loss import bco_loss, implicit_rewards
+from qbco.memory import out_of_memory_message
 from qbco.models import reference
 from qbco.objectives import MicroBatch
 from qbco.prepare import Run, prepare_run
@@ -38,6 +39,7 @@ class RunResult:
     final_loss: float | None
     peak_memory_mb: float
     eval: dict = field(default_factory=dict)
+    checkpointing: object = None  # qbco.memory.Plan
 
 
 def train(config: TrainConfig, progress=None, log=print, resume: str | Path | None = None, overwrite: bool = False) -> RunResult:
@@ -56,6 +58,8 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
                 figures = optimizer_step(run, window)
             except NonFinite as bad:  # nothing was updated: the state before this step is the last good one
                 raise TrainingStopped(bad.message(run, step, window, kept=run.checkpoint(step - 1, rng)), exit_code=3) from None
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+                raise out_of_memory(err, run, step) from None
             seconds = time.perf_counter() - step_start
             loss, tokens = figures["loss"], tokens + figures["tokens"]
             metrics.write({"step": step, "epoch": round(step / run.steps_per_epoch, 4), **figures,
@@ -76,7 +80,8 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
     save_adapter(run.model, run.tokenizer, out / "adapter", run.shift)
     return RunResult(output=out, steps=run.total_steps, elapsed_s=elapsed,
                      tokens_per_s=tokens / (time.perf_counter() - run.started) if tokens else 0.0,
-                     final_loss=loss, peak_memory_mb=peak_memory_mb(run.device), eval=held_out)
+                     final_loss=loss, peak_memory_mb=peak_memory_mb(run.device), eval=held_out,
+                     checkpointing=run.checkpointing)
 
 
 def optimizer_step(run: Run, window: list[list[int]]) -> dict:
@@ -169,6 +174,14 @@ def held_out_figures(run: Run, progress=None) -> dict:
     loss = bco_loss(rewards, torch.zeros_like(rewards), labels, delta, beta=1.0).loss
     correct = ((rewards - delta) > 0) == labels
     return {"eval_loss": float(loss), "eval_reward_accuracy": float(correct.float().mean()), "eval_rows": len(labels)}
+
+
+def out_of_memory(err: BaseException, run: Run, step: int) -> TrainingStopped:
+    """A step that ran out of memory stops with the flag to change (docs/pitfalls.md, 11), not a traceback;
+    any other RuntimeError goes on as it was."""
+    if isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+        raise err
+    return TrainingStopped(out_of_memory_message(run.checkpointing, run.config, f"in step {step}"), exit_code=4)
 
 
 class NonFinite(Exception):
