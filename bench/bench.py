@@ -109,6 +109,7 @@ def step_rows(model: Path, data: Path, rows: str | None, steps: int, batch: int,
     import tempfile
 
     import common
+
     from qbco.data import encode_all, epoch_order, load_feedback
     from qbco.models import load_tokenizer
 
@@ -222,11 +223,14 @@ def w1_table(runs: list[dict]) -> str:
             "est": med([r.get("estimate_gib") for r in rs]) * 1024,
             "load": max(max(r.get("load_avg_before", 0), r.get("load_avg_after", 0)) for r in rs),
         }
-    lines = ["| tool | checkpointing | runs | median step (s) | tokens/s | tokens per CPU-second | model GFLOP/s | MFU | peak RSS (MiB) | qbco's estimate (MiB) | training-phase peak RSS (MiB) | growth over the loaded model (MiB) | reference precompute (s) | whole run (s) | whole-run tokens/s | highest load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ["tool", "checkpointing", "runs", "median step (s)", "tokens/s", "tokens per CPU-second", "model GFLOP/s", "MFU",
+               "peak RSS (MiB)", "qbco's estimate (MiB)", "training-phase peak RSS (MiB)", "growth over the loaded model (MiB)",
+               "reference precompute (s)", "whole run (s)", "whole-run tokens/s", "highest load"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for tool, f in fig.items():
-        lines.append(f"| {tool} | {f['ckpt']} | {f['n']} | {f['step']:.2f} | {f['tps']:.1f} | {f['cpu_tps']:.1f} | {f['gflops']:.1f} | {f['mfu']:.0%} | {f['rss']:.0f} | "
-                     f"{f['est']:.0f} | {f['train_rss']:.0f} | {f['growth']:.0f} | {f['ref']:.1f} | {f['whole']:.1f} | {f['whole_tps']:.1f} | {f['load']:.2f} |")
+        lines.append(f"| {tool} | {f['ckpt']} | {f['n']} | {f['step']:.2f} | {f['tps']:.1f} | {f['cpu_tps']:.1f} | {f['gflops']:.1f} | "
+                     f"{f['mfu']:.0%} | {f['rss']:.0f} | {f['est']:.0f} | {f['train_rss']:.0f} | {f['growth']:.0f} | {f['ref']:.1f} | "
+                     f"{f['whole']:.1f} | {f['whole_tps']:.1f} | {f['load']:.2f} |")
     if "qbco" in fig:
         lines += ["", "| qbco / peer | tokens/s | tokens per CPU-second | median step time | peak RSS | training-phase peak RSS | growth | whole-run time |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -42,6 +42,7 @@ def main() -> None:
     import transformers  # noqa: F401
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    import qbco.prepare as qprepare
     import qbco.train as qtrain
     from qbco.config import build_config
 
@@ -70,7 +71,7 @@ def main() -> None:
     # data are loaded by then, as they are when TRL's trainer.train() starts.
     marks = {"ref_s": 0.0, "load_peak": None, "start_rss": None, "cpu": None}
     step_cpu: list[float] = []
-    original = qtrain.reference_logps
+    original = qprepare.reference_logps
 
     def timed_reference(*a, **k):
         if marks["load_peak"] is None:
@@ -91,7 +92,7 @@ def main() -> None:
 
     register_optimizer_step_post_hook(step_done)
 
-    qtrain.reference_logps = timed_reference
+    qprepare.reference_logps = timed_reference
     t0 = time.perf_counter()
     result = qtrain.train(config, log=lambda message: None)
     whole_s = time.perf_counter() - t0

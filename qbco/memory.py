@@ -112,7 +112,7 @@ def estimate(hf_config, config, dtype_bytes: int, longest_row: int | None = None
     adapted = sum(1 for name in LLAMA_LINEARS if wanted is None or name in wanted)
     row = longest_row if longest_row is not None else config.max_prompt_length + config.max_completion_length
     tokens = rows_per_call(config) * row
-    q, kvd = heads * hd, kv * hd
+    q = heads * hd
     # Per position, as autograd keeps it for a layer that is not checkpointed (saved-tensor hooks:
     # tests/test_memory.py): the MLP's gate, up, silu(gate) and their product (4 x intermediate); the two
     # norm outputs, the rotated queries and the attention output (4 x hidden); keys and values, repeated to

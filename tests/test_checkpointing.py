@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_llama, separable_rows
 from typer.testing import CliRunner
 
-from conftest import make_tiny_llama, separable_rows
 from qbco.cli import app
 from qbco.config import build_config
 from qbco.errors import QbcoError

@@ -125,7 +125,8 @@ def add_mfu(result: dict, hf: dict, args, peak: float) -> None:
     per_step = step_flops(hf, [(args.prompt, args.completion)] * (args.batch * args.grad_accum))
     measured = result["step_s"][args.warmup:]
     result["step_flops"] = per_step
-    result["tokens_match"] = all(t == (args.prompt + args.completion) * args.batch * args.grad_accum for t in result["step_tokens"])
+    per_step_tokens = (args.prompt + args.completion) * args.batch * args.grad_accum
+    result["tokens_match"] = all(t == per_step_tokens for t in result["step_tokens"])
     if measured:
         result["model_flops_per_s"] = per_step * len(measured) / sum(measured)
         result["mfu"] = result["model_flops_per_s"] / peak
@@ -136,8 +137,8 @@ def table(results: list[dict], peak: dict, args) -> str:
     lines = [f"matmul peak ({peak['dtype']}, {peak['device']}): {peak['peak_flops'] / 1e12:.1f} TFLOP/s; "
              f"rows of {args.prompt} + {args.completion} tokens, batch {args.batch} x {args.grad_accum} accumulated, "
              f"{args.steps} steps ({args.warmup} warm-up)", "",
-             "| tool | checkpointing | tokens/s | peak GPU allocated (GiB) | peak GPU reserved (GiB) | qbco's estimate (GiB) | model TFLOP/s | MFU | whole run (s) | same tokens |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| tool | checkpointing | tokens/s | peak GPU allocated (GiB) | peak GPU reserved (GiB) | qbco's estimate (GiB) "
+             "| model TFLOP/s | MFU | whole run (s) | same tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['tool']} | failed: {r['error'].splitlines()[-1][:100] if r['error'] else ''} | | | | | | | | |")
@@ -183,7 +184,6 @@ def main() -> None:
                    help="the CPU part: a 2-layer model with Qwen's vocabulary, fp32, rows of 96 + 32 tokens")
     args = p.parse_args()
     import torch
-
     from flops import matmul_peak
 
     deadline = T0 + args.deadline
