@@ -25,9 +25,9 @@ CPU_RUNTIME_BYTES = 0.6 * GiB
 # The default budget on CUDA: the free device memory less this share of the card, for the caching
 # allocator's fragmentation and what other kernels' workspaces take.
 CUDA_MARGIN = 0.10
-# The default budget on a CPU: this share of the RAM available when the run starts. RAM is shared with the
-# OS and every other process, nothing fails cleanly at its limit (the kernel kills a process), and beyond
-# about a quarter of W1's activations the time saved per layer no longer pays: see docs/performance.md.
+# The default budget on a CPU: this share of the RAM available when the run starts. RAM is shared with the OS
+# and every other process and nothing fails cleanly at its limit (the kernel kills a process), so qbco takes
+# a modest share; on W1 it keeps qbco's peak well under TRL's for the same work (docs/performance.md).
 CPU_SHARE = 0.20
 
 
