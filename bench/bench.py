@@ -201,7 +201,19 @@ def med(values):
     return statistics.median(values) if values else float("nan")
 
 
-def w1_table(runs: list[dict]) -> str:
+def cpu_mfu(r: dict, peak: dict) -> float | None:
+    """Model FLOPs of the measured steps per CPU-second of the process, over the matmul peak per CPU-second:
+    the MFU the wall clock of a shared machine cannot disturb (one thread per process)."""
+    per_cpu = peak.get("peak_flops_per_cpu_s")
+    flops, cpu = r.get("step_flops"), r.get("step_cpu_s")
+    if not (per_cpu and flops and cpu):
+        return None
+    w, n = r["steps"] - r["measured_steps"], r["steps"]
+    return sum(flops[w:n]) / sum(cpu[w:n]) / per_cpu
+
+
+def w1_table(runs: list[dict], peak: dict | None = None) -> str:
+    peak = peak or {}
     ok = [r for r in runs if "error" not in r]
     by = {t: [r for r in ok if r["tool"] == t] for t in dict.fromkeys(r["tool"] for r in ok)}
     fig = {}
@@ -220,18 +232,20 @@ def w1_table(runs: list[dict]) -> str:
             "whole": med([r["whole_run_s"] for r in rs]),
             "whole_tps": med([sum(r["step_tokens"]) / r["whole_run_s"] for r in rs]),
             "mfu": med([r.get("mfu") for r in rs]),
+            "mfu_cpu": med([cpu_mfu(r, peak) for r in rs]),
             "gflops": med([r.get("model_flops_per_s") for r in rs]) / 1e9,
             "ckpt": "; ".join(sorted({str(r.get("checkpointing", "?")) for r in rs})),
             "est": med([r.get("estimate_gib") for r in rs]) * 1024,
             "load": max(max(r.get("load_avg_before", 0), r.get("load_avg_after", 0)) for r in rs),
         }
     columns = ["tool", "checkpointing", "runs", "median step (s)", "tokens/s", "tokens per CPU-second", "model GFLOP/s", "MFU",
+               "MFU per CPU-second",
                "peak RSS (MiB)", "qbco's estimate (MiB)", "training-phase peak RSS (MiB)", "growth over the loaded model (MiB)",
                "reference precompute (s)", "whole run (s)", "whole-run tokens/s", "highest load"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for tool, f in fig.items():
         lines.append(f"| {tool} | {f['ckpt']} | {f['n']} | {f['step']:.2f} | {f['tps']:.1f} | {f['cpu_tps']:.1f} | {f['gflops']:.1f} | "
-                     f"{f['mfu']:.0%} | {f['rss']:.0f} | {f['est']:.0f} | {f['train_rss']:.0f} | {f['growth']:.0f} | {f['ref']:.1f} | "
+                     f"{f['mfu']:.0%} | {f['mfu_cpu']:.0%} | {f['rss']:.0f} | {f['est']:.0f} | {f['train_rss']:.0f} | {f['growth']:.0f} | {f['ref']:.1f} | "
                      f"{f['whole']:.1f} | {f['whole_tps']:.1f} | {f['load']:.2f} |")
     if "qbco" in fig:
         lines += ["", "| qbco / peer | tokens/s | tokens per CPU-second | median step time | peak RSS | training-phase peak RSS | growth | whole-run time |",
@@ -244,18 +258,19 @@ def w1_table(runs: list[dict]) -> str:
                              f"{q['rss'] / p['rss']:.2f}x | {q['train_rss'] / p['train_rss']:.2f}x | "
                              f"{q['growth'] / p['growth']:.2f}x | {q['whole'] / p['whole']:.2f}x |")
         reps = sorted({r["config"] for r in ok})
-        per_rep = []
-        for peer in PEERS:
-            ratios = []
-            for rep in reps:
-                a = [r for r in ok if r["config"] == rep and r["tool"] == "qbco"]
-                b = [r for r in ok if r["config"] == rep and r["tool"] == peer]
-                if a and b:
-                    ratios.append(a[0]["tokens_per_s"] / b[0]["tokens_per_s"])
-            if ratios:
-                per_rep.append(f"{peer}: " + ", ".join(f"{x:.2f}x" for x in ratios))
-        if per_rep:
-            lines += ["", "tokens/s ratio qbco / peer within each repetition: " + "; ".join(per_rep)]
+        for key, what in (("tokens_per_s", "tokens/s"), ("tokens_per_cpu_s", "tokens per CPU-second")):
+            per_rep = []
+            for peer in PEERS:
+                ratios = []
+                for rep in reps:
+                    a = [r for r in ok if r["config"] == rep and r["tool"] == "qbco"]
+                    b = [r for r in ok if r["config"] == rep and r["tool"] == peer]
+                    if a and b and a[0].get(key) and b[0].get(key):
+                        ratios.append(a[0][key] / b[0][key])
+                if ratios:
+                    per_rep.append(f"{peer}: " + ", ".join(f"{x:.2f}x" for x in ratios))
+            if per_rep:
+                lines += ["", f"{what} ratio qbco / peer within each repetition: " + "; ".join(per_rep)]
     return "\n".join(lines)
 
 
@@ -278,9 +293,10 @@ def report(results: dict) -> str:
     parts = [f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, {results['machine']['memory']}; "
              f"{results.get('threads', '?')} torch thread(s) per process; started {results['started']}"
              + (f"; measured {peak['dtype']} matmul peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s" if peak else "")
+             + (f" ({peak['peak_flops_per_cpu_s'] / 1e9:.1f} per CPU-second)" if peak.get("peak_flops_per_cpu_s") else "")
              + (f"; LD_PRELOAD={results['ld_preload']}" if results.get("ld_preload") else "")]
     if results.get("w1"):
-        parts += ["", "### W1", "", w1_table(results["w1"])]
+        parts += ["", "### W1", "", w1_table(results["w1"], results.get("matmul_peak"))]
     if results.get("scale"):
         parts += ["", "### Scaling", "", scale_table(results["scale"])]
     return "\n".join(parts)
@@ -313,6 +329,7 @@ def main() -> None:
     p.add_argument("--quiet-load", type=float, default=QUIET["load"],
                    help="before each process, wait until the 1-minute load average stays under this (0: never wait)")
     p.add_argument("--max-wait", type=float, default=QUIET["max_wait_s"], help="seconds to wait for quiet over the whole run")
+    p.add_argument("--peak-now", action="store_true", help="with --report: measure the matmul peak again and keep it")
     p.add_argument("--report", action="store_true", help="print the tables from results.json (with --tiny: results-tiny.json) and stop")
     args = p.parse_args()
 
@@ -323,7 +340,11 @@ def main() -> None:
     if args.ld_preload:
         EXTRA_ENV["LD_PRELOAD"] = args.ld_preload
     if args.report:
-        print(report(json.loads((OUT / name).read_text())))
+        results = json.loads((OUT / name).read_text())
+        if args.peak_now:  # the peak again, e.g. on a quieter machine or by CPU time; saved with the results
+            results["matmul_peak"] = measure_peak(lambda m: print(m, flush=True))
+            save(results)
+        print(report(results))
         return
     for python in (QBCO_PY, TRL_PY):
         if not python.exists():

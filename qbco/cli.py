@@ -118,7 +118,7 @@ def train(
     load_in_4bit: Optional[bool] = typer.Option(None, "--4bit/--no-4bit", help="Base in 4-bit NF4 (double quantization) or plain float. (default: 4bit)"),
     dtype: Optional[str] = typer.Option(None, help="Compute dtype: auto (bf16 on a GPU with native bf16, A100 / RTX 30xx and newer; fp16 with loss scaling on older ones, T4 / V100; fp32 on CPU), bf16, fp16 (always with loss scaling), fp32. (default: auto)"),
     gradient_checkpointing: Optional[str] = typer.Option(None, help="Recompute activations in backward: auto (every k-th decoder layer, k chosen from the memory estimate against --memory-budget: as few as fit), on (every layer, the least memory), off. (default: auto)"),
-    memory_budget: Optional[float] = typer.Option(None, help="GiB that --gradient-checkpointing auto plans for. (default: the free GPU memory less 10% of the card; on a CPU 20% of the available RAM)"),
+    memory_budget: Optional[float] = typer.Option(None, help="GiB that --gradient-checkpointing auto plans for. (default: the free GPU memory less 10% of the card; on a CPU a third of the available RAM, at most 2.5x the estimate with every layer checkpointed)"),
     logprob_chunk: Optional[int] = typer.Option(None, help="Completion tokens per LM-head chunk: bounds the logits memory. (default: 2^24 logits' worth, 341 tokens for a 49,152-token vocabulary)"),
     save_every: Optional[int] = typer.Option(None, help="Optimizer steps between checkpoints; one is always written at the end and on Ctrl-C. (default: 50)"),
     keep: Optional[int] = typer.Option(None, help="Checkpoints kept in RUN/checkpoints. (default: 2)"),

@@ -18,17 +18,21 @@ from dataclasses import dataclass
 GiB = 2**30
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 absmax per 256 blocks
-# What a CPU process holds before any tensor of the run: the RSS after importing torch, transformers, peft
-# and bitsandbytes (measured 0.42 GiB), with the tokenizer and loading's leftovers. On CUDA the estimate is
-# compared with torch's own allocations, which leave the runtime out.
-CPU_RUNTIME_BYTES = 0.6 * GiB
+# What a CPU process holds beyond the run's tensors: the RSS after importing torch, transformers, peft and
+# bitsandbytes (measured 0.42 GiB), with the tokenizer and loading's leftovers (W1: RSS 0.97 GiB when the
+# reference pass begins, of which 0.23 GiB weights and adapters). On CUDA the estimate is compared with
+# torch's own allocations, which leave the runtime out.
+CPU_RUNTIME_BYTES = 0.75 * GiB
 # The default budget on CUDA: the free device memory less this share of the card, for the caching
 # allocator's fragmentation and what other kernels' workspaces take.
 CUDA_MARGIN = 0.10
-# The default budget on a CPU: this share of the RAM available when the run starts. RAM is shared with the OS
-# and every other process and nothing fails cleanly at its limit (the kernel kills a process), so qbco takes
-# a modest share; on W1 it keeps qbco's peak well under TRL's for the same work (docs/performance.md).
-CPU_SHARE = 0.20
+# The default budget on a CPU: a third of the RAM available when the run starts, and at most CPU_LEAN_FACTOR
+# times what the run needs with every layer checkpointed. RAM is shared with the OS and every other process
+# and nothing fails cleanly at its limit (the kernel kills a process), so qbco takes a modest share, and the
+# same run picks the same layers on any machine with room for it. On W1 that is every 3rd layer: 1.3x the
+# speed of every layer at about half of TRL's peak (docs/performance.md).
+CPU_SHARE = 1 / 3
+CPU_LEAN_FACTOR = 2.5
 
 
 @dataclass
@@ -160,15 +164,16 @@ def available_ram() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def default_budget(device) -> float:
+def default_budget(device, lean: float) -> float:
     """Bytes the run may use when --memory-budget is not given: on CUDA the free device memory less a
-    margin (CUDA_MARGIN of the card); on a CPU, CPU_SHARE of the RAM available now."""
+    margin (CUDA_MARGIN of the card); on a CPU, CPU_SHARE of the RAM available now and at most
+    CPU_LEAN_FACTOR x `lean` (the estimate with every layer checkpointed)."""
     if device.type == "cuda":
         import torch
 
         free, total = torch.cuda.mem_get_info(device)
         return max(0.0, free - CUDA_MARGIN * total)
-    return CPU_SHARE * available_ram()
+    return min(CPU_SHARE * available_ram(), CPU_LEAN_FACTOR * lean)
 
 
 @dataclass
@@ -193,7 +198,7 @@ def plan(hf_config, config, dtype_bytes: int, longest_row: int, device) -> Plan:
         return Plan(1, None, est)
     if config.gradient_checkpointing == "off":
         return Plan(None, None, est)
-    budget = config.memory_budget * GiB if config.memory_budget is not None else default_budget(device)
+    budget = config.memory_budget * GiB if config.memory_budget is not None else default_budget(device, est.total(1))
     return Plan(choose_every_n(est, budget), budget, est)
 
 

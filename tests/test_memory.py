@@ -131,16 +131,19 @@ def test_plan_follows_the_flag_and_the_budget(tiny_model_dir, monkeypatch):
     roomy = plan(hf_config, TrainConfig(memory_budget=est.total(None) / GiB), 4, 50, cpu)
     tight = plan(hf_config, TrainConfig(memory_budget=est.total(2) / GiB), 4, 50, cpu)  # 2 layers: 2 fits, 3 not
     assert (roomy.every_n, tight.every_n, tight.budget) == (None, 2, est.total(2))
-    # The default budget on a CPU is a share of the RAM available now.
-    monkeypatch.setattr(qmemory, "available_ram", lambda: 10 * GiB)
+    # The default budget on a CPU: a share of the RAM available now, at most a multiple of the leanest estimate.
+    monkeypatch.setattr(qmemory, "available_ram", lambda: 100 * GiB)
     default = plan(hf_config, TrainConfig(), 4, 50, cpu)
-    assert default.budget == pytest.approx(qmemory.CPU_SHARE * 10 * GiB)
+    assert default.budget == pytest.approx(qmemory.CPU_LEAN_FACTOR * est.total(1))
+    monkeypatch.setattr(qmemory, "available_ram", lambda: 1 * GiB)
+    scarce = plan(hf_config, TrainConfig(), 4, 50, cpu)
+    assert scarce.budget == pytest.approx(qmemory.CPU_SHARE * GiB) and scarce.every_n == 1
     assert "for a budget of" in default.summary() and "checkpointed" in default.summary()
 
 
 def test_cuda_default_budget_is_the_free_memory_less_the_margin(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30 * GiB, 80 * GiB))
-    assert qmemory.default_budget(torch.device("cuda")) == pytest.approx(30 * GiB - qmemory.CUDA_MARGIN * 80 * GiB)
+    assert qmemory.default_budget(torch.device("cuda"), GiB) == pytest.approx(30 * GiB - qmemory.CUDA_MARGIN * 80 * GiB)
 
 
 def test_only_the_checkpointed_layers_run_twice(tmp_path):
