@@ -245,8 +245,8 @@ def w1_table(runs: list[dict], peak: dict | None = None) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for tool, f in fig.items():
         lines.append(f"| {tool} | {f['ckpt']} | {f['n']} | {f['step']:.2f} | {f['tps']:.1f} | {f['cpu_tps']:.1f} | {f['gflops']:.1f} | "
-                     f"{f['mfu']:.0%} | {f['mfu_cpu']:.0%} | {f['rss']:.0f} | {f['est']:.0f} | {f['train_rss']:.0f} | {f['growth']:.0f} | {f['ref']:.1f} | "
-                     f"{f['whole']:.1f} | {f['whole_tps']:.1f} | {f['load']:.2f} |")
+                     f"{f['mfu']:.0%} | {f['mfu_cpu']:.0%} | {f['rss']:.0f} | {f['est']:.0f} | {f['train_rss']:.0f} | {f['growth']:.0f} | "
+                     f"{f['ref']:.1f} | {f['whole']:.1f} | {f['whole_tps']:.1f} | {f['load']:.2f} |")
     if "qbco" in fig:
         lines += ["", "| qbco / peer | tokens/s | tokens per CPU-second | median step time | peak RSS | training-phase peak RSS | growth | whole-run time |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -29,8 +29,8 @@ CUDA_MARGIN = 0.10
 # The default budget on a CPU: a third of the RAM available when the run starts, and at most CPU_LEAN_FACTOR
 # times what the run needs with every layer checkpointed. RAM is shared with the OS and every other process
 # and nothing fails cleanly at its limit (the kernel kills a process), so qbco takes a modest share, and the
-# same run picks the same layers on any machine with room for it. On W1 that is every 3rd layer: 1.3x the
-# speed of every layer at about half of TRL's peak (docs/performance.md).
+# same run picks the same layers on any machine with room for it. On W1 that is every 4th layer: 1.3x the
+# speed of every layer at 0.62x TRL's peak (docs/performance.md).
 CPU_SHARE = 1 / 3
 CPU_LEAN_FACTOR = 2.5
 
