@@ -28,7 +28,7 @@ def test_lora_counts_for_a_list_of_targets_match_peft(tiny_model_dir, targets):
     config = TrainConfig(lora_r=4, load_in_4bit=False, lora_targets=targets)
     est = estimate(hf_config, config, dtype_bytes=4)
     base = load_base(str(tiny_model_dir), load_in_4bit=False, dtype=torch.float32, device=torch.device("cpu"))
-    model = attach_lora(base, r=4, alpha=8, dropout=0.0, targets=targets, gradient_checkpointing=False)
+    model = attach_lora(base, r=4, alpha=8, dropout=0.0, targets=targets, every_n_layers=None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert est.lora_params == trainable > 0
     assert est.lora_bytes == 16 * trainable  # fp32 weights, gradients and AdamW's two moments
