@@ -124,7 +124,7 @@ def train(
     keep: Optional[int] = typer.Option(None, help="Checkpoints kept in RUN/checkpoints. (default: 2)"),
     allow_one_class: Optional[bool] = typer.Option(None, "--allow-one-class", help="Train BCO on data that holds only thumbs-up or only thumbs-down rows. (default: refuse)"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Run the Python code a hub model ships. (default: off)"),
-    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run from its last checkpoint, with its own config.yaml; only --lr, --max-steps, --epochs, --save-every, --keep (recorded in config.yaml) and --quiet may be given with it."),
+    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run from its last checkpoint, with its own config.yaml; only --lr, --max-steps, --epochs, --save-every, --keep, --memory-budget, --gradient-checkpointing (recorded in config.yaml) and --quiet may be given with it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run that --output already holds."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table; for scripts."),
 ) -> None:

@@ -259,8 +259,10 @@ def load_run_config(path: str | Path) -> TrainConfig:
 
 
 # What `qbco train --resume RUN` may change; every other setting is fixed by the run's config.yaml (the data
-# order, the model and the loss would no longer be those the checkpoint continues).
-RESUME_OVERRIDES = ("lr", "max_steps", "epochs", "save_every", "keep")
+# order, the model and the loss would no longer be those the checkpoint continues). Checkpointing fewer or more
+# layers changes memory and time, not the losses (tests/test_checkpointing.py), so a run stopped out of memory
+# can follow the advice (--memory-budget, --gradient-checkpointing) and resume.
+RESUME_OVERRIDES = ("lr", "max_steps", "epochs", "save_every", "keep", "memory_budget", "gradient_checkpointing")
 
 
 def resume_overrides_help() -> str:

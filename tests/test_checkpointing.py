@@ -115,3 +115,43 @@ def test_out_of_memory_in_a_step_names_the_flag(tmp_path, four_layer_model, monk
     assert result.exit_code == 4, result.output
     assert "Traceback" not in result.output and "out of memory in step 1" in result.output
     assert "lower --memory-budget below 50.0" in result.output and "--gradient-checkpointing on" in result.output
+
+
+def test_the_out_of_memory_advice_can_be_followed_on_resume(tmp_path, four_layer_model, monkeypatch):
+    """Out of memory in step 3 (exit 4), then `qbco train --resume RUN --memory-budget X --gradient-checkpointing
+    on`, as the message advises: the run continues from its step-2 checkpoint to the losses a straight run gives
+    (checkpointing other layers changes memory, not the losses), and config.yaml records the change."""
+    import qbco.train as qtrain
+    from qbco.run_log import read_metrics
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(20)), encoding="utf-8")
+    args = ["--model", str(four_layer_model), "--data", str(data), "--max-steps", "4", "--save-every", "2",
+            "--no-4bit", "--memory-budget", "50", "--quiet", "--eval-fraction", "0.25"]
+    straight = runner.invoke(app, ["train", *args, "--output", str(tmp_path / "straight")])
+    assert straight.exit_code == 0, straight.output
+
+    original, calls = qtrain.completion_logps, []
+
+    def fail_in_step_3(*a, **k):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(*a, **k)
+
+    monkeypatch.setattr(qtrain, "completion_logps", fail_in_step_3)
+    run = tmp_path / "run"
+    stopped = runner.invoke(app, ["train", *args, "--output", str(run)])
+    assert stopped.exit_code == 4 and "out of memory in step 3" in stopped.output
+    monkeypatch.setattr(qtrain, "completion_logps", original)
+    resumed = runner.invoke(app, ["train", "--quiet", "--resume", str(run), "--memory-budget", "1",
+                                  "--gradient-checkpointing", "on"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(run)
+    assert [m["step"] for m in b.steps] == [1, 2, 3, 4]
+    assert [m["loss"] for m in b.steps] == pytest.approx([m["loss"] for m in a.steps], rel=1e-5)
+    assert b.eval["eval_loss"] == pytest.approx(a.eval["eval_loss"], rel=1e-5)
+    text = (run / "config.yaml").read_text()
+    assert "gradient_checkpointing: 'on'" in text or "gradient_checkpointing: on" in text
+    assert "memory_budget: 1.0" in text
