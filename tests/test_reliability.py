@@ -82,7 +82,8 @@ def bad_inputs(tmp: Path, model_dir: Path) -> dict:
         "output holds other files": (m + ["--data", str(ok), "--output", str(other), "--overwrite"], "holds no qbco run"),
         "resume without a run": (["--resume", str(other)], "no qbco run there"),
         "resume with flags": (["--resume", str(held), "--beta", "1"],
-                              "--beta cannot change (flags allowed with --resume: --lr, --max-steps, --epochs, --save-every, --keep, --memory-budget, --gradient-checkpointing, --quiet)"),
+                              "--beta cannot change (flags allowed with --resume: --lr, --max-steps, --epochs, --save-every, "
+                              "--keep, --memory-budget, --gradient-checkpointing, --quiet)"),
         "resume with overwrite": (["--resume", str(held), "--overwrite"], "--overwrite has no effect with --resume"),
         "ema decay without bco": (m + ["--data", str(ok), "--loss", "bce", "--ema-decay", "0.5"],
                                   "--ema-decay has no effect with --loss bce (only bco uses it)"),
