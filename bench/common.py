@@ -26,12 +26,19 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-prompt", type=int, default=256)
     p.add_argument("--max-completion", type=int, default=256)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches of --batch rows per optimizer step")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="compute dtype (fp32 on a CPU; bf16 on CUDA, TRL then runs with bf16=True as by default)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="default", help="a label written into the result")
     p.add_argument("--precompute", action="store_true", help="TRL: precompute_ref_log_probs=True")
     p.add_argument("--no-4bit", action="store_true", help="a float base instead of NF4")
-    p.add_argument("--no-checkpointing", action="store_true", help="qbco: gradient checkpointing off (a diagnosis, not W1)")
+    p.add_argument("--gradient-checkpointing", default=None, choices=("auto", "on", "off"),
+                   help="default: each tool's own (qbco auto, TRL on); TRL takes on or off")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="qbco: checkpoint every k-th layer whatever the budget (the estimate-against-peak table)")
+    p.add_argument("--memory-budget", type=float, default=None, help="qbco: --memory-budget GiB")
     p.add_argument("--logprob-chunk", type=int, default=None, help="qbco: completion tokens per LM-head chunk (default: qbco's)")
     return p.parse_args()
 
@@ -64,6 +71,15 @@ def reset_peak_rss() -> float:
     return before
 
 
+def gpu_memory() -> dict:
+    """The process's peak CUDA memory (torch's allocator: allocated and reserved), where torch has CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return {}
+    return {"device": torch.cuda.get_device_name(), "peak_gpu_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "peak_gpu_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+
+
 def peak_rss_mb() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
@@ -85,7 +101,7 @@ def allocator() -> str:
 
 def report(args, tool: str, step_seconds: list[float], step_tokens: list[int], losses: list[float],
            load_peak_mb: float, train_start_rss_mb: float, ref_s: float, whole_s: float, import_s: float,
-           step_cpu: list[float]) -> dict:
+           step_cpu: list[float], extra: dict | None = None) -> dict:
     """The one JSON line a runner prints. Step figures leave out the first --warmup steps."""
     measured_s, measured_tok = step_seconds[args.warmup:], step_tokens[args.warmup:]
     measured_cpu = step_cpu[args.warmup:len(step_seconds)]
@@ -114,6 +130,10 @@ def report(args, tool: str, step_seconds: list[float], step_tokens: list[int], l
         "whole_run_s": whole_s,  # model load + data preparation + reference precompute + every step
         "import_s": import_s,
         "allocator": allocator(),
+        "dtype": args.dtype,
+        "grad_accum": args.grad_accum,
+        **gpu_memory(),
+        **(extra or {}),
     }
     print("RESULT " + json.dumps(result), flush=True)
     return result

@@ -73,21 +73,27 @@ def write_jsonl(path: Path, data: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in data), encoding="utf-8")
 
 
+def word_tokenizer(size: int = QWEN_VOCAB):
+    """A word-level tokenizer of `size` tokens: <pad> 0, <unk> 1, <eos> 2, then token k is the word "wk"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2}
+    vocab.update({f"w{k}": k for k in range(3, size)})
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
 def tiny_qwen_vocab(folder: Path, seed: int) -> None:
     """Qwen2.5's vocabulary size on a 2-layer decoder (hidden 256): the LM head dominates, as it does for Qwen at long lengths."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2}
-    vocab.update({f"w{k}": k for k in range(3, QWEN_VOCAB)})
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
-    tok.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
     torch.manual_seed(seed)
     # A llama config, not a qwen2 one: transformers 5 would load a qwen2 folder's tokenizer as Qwen's BPE
     # class and lose the word-level vocabulary. The architecture is the same decoder either way.

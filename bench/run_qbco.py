@@ -42,6 +42,7 @@ def main() -> None:
     import transformers  # noqa: F401
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    import qbco.prepare as qprepare
     import qbco.train as qtrain
     from qbco.config import build_config
 
@@ -51,12 +52,18 @@ def main() -> None:
     data = work / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     chunk = {"logprob_chunk": args.logprob_chunk} if args.logprob_chunk else {}
+    if args.checkpoint_every:  # the plan qbco prints and reports, with k fixed instead of chosen
+        import qbco.memory as qmemory
+
+        qmemory.choose_every_n = lambda est, budget: args.checkpoint_every
+        args.gradient_checkpointing = "auto"
     config = build_config(
         model=args.model, data=str(data), output=str(work / "run"), eval_fraction=0.0, seed=args.seed,
-        beta=0.1, lr=args.lr, warmup_ratio=0.0, batch_size=args.batch, grad_accum=1, epochs=1.0,
+        beta=0.1, lr=args.lr, warmup_ratio=0.0, batch_size=args.batch, grad_accum=args.grad_accum, epochs=1.0,
         max_steps=args.steps, max_prompt_length=args.max_prompt, max_completion_length=args.max_completion,
-        lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_targets="all-linear", gradient_checkpointing=not args.no_checkpointing,
-        load_in_4bit=not args.no_4bit, dtype="fp32", save_every=10**6, allow_one_class=True,
+        lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_targets="all-linear", gradient_checkpointing=args.gradient_checkpointing,
+        memory_budget=args.memory_budget,
+        load_in_4bit=not args.no_4bit, dtype=args.dtype, save_every=10**6, allow_one_class=True,
         **chunk,
     )
 
@@ -64,7 +71,7 @@ def main() -> None:
     # data are loaded by then, as they are when TRL's trainer.train() starts.
     marks = {"ref_s": 0.0, "load_peak": None, "start_rss": None, "cpu": None}
     step_cpu: list[float] = []
-    original = qtrain.reference_logps
+    original = qprepare.reference_logps
 
     def timed_reference(*a, **k):
         if marks["load_peak"] is None:
@@ -85,22 +92,27 @@ def main() -> None:
 
     register_optimizer_step_post_hook(step_done)
 
-    qtrain.reference_logps = timed_reference
+    qprepare.reference_logps = timed_reference
     t0 = time.perf_counter()
-    qtrain.train(config, log=lambda message: None)
+    result = qtrain.train(config, log=lambda message: None)
     whole_s = time.perf_counter() - t0
+    plan = result.checkpointing  # qbco.memory.Plan: what the run checkpointed, its budget and estimate
 
     records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in records if "step" in m and m.get("split") != "eval"]
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(COLD_CACHE, ignore_errors=True)
     common.report(
-        args, "qbco" + (f"-chunk{args.logprob_chunk}" if args.logprob_chunk else "") + ("-nockpt" if args.no_checkpointing else ""),
+        args, "qbco" + (f"-chunk{args.logprob_chunk}" if args.logprob_chunk else ""),
         step_seconds=[m["tokens"] / m["tokens_per_s"] for m in steps],
         step_tokens=[m["tokens"] for m in steps], step_cpu=step_cpu,
         losses=[m["loss"] for m in steps],
         load_peak_mb=marks["load_peak"], train_start_rss_mb=marks["start_rss"],
         ref_s=marks["ref_s"], whole_s=whole_s, import_s=import_s,
+        extra={"checkpoint_every": plan.every_n, "checkpointed_layers": plan.estimate.checkpointed_layers(plan.every_n),
+               "memory_budget_gib": plan.budget / 2**30 if plan.budget is not None else None,
+               "estimate_gib": plan.estimate.total(plan.every_n) / 2**30, "checkpointing": plan.summary()}
+        if plan is not None else {},
     )
 
 

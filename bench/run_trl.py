@@ -59,13 +59,15 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs = {"dtype": torch.float32, "use_safetensors": True}
+    cuda = torch.cuda.is_available()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    kwargs = {"dtype": dtype, "use_safetensors": True}
     if not args.no_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
         )
-        kwargs["device_map"] = {"": "cpu"}
+    kwargs["device_map"] = {"": "cuda:0" if cuda else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
     disable_cpu_repack(model)
 
@@ -115,9 +117,11 @@ def main() -> None:
     config = BCOConfig(
         output_dir=str(work), beta=0.1, learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1, gradient_checkpointing=True, max_steps=args.steps,
-        max_length=args.max_prompt + args.max_completion, max_completion_length=args.max_completion,
-        precompute_ref_log_probs=args.precompute, bf16=False, fp16=False, use_cpu=True, seed=args.seed,
+        gradient_accumulation_steps=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing != "off", max_steps=args.steps,
+        # BCOTrainer keeps max_length less one for a BOS and one for an EOS the tokenizer does not add itself
+        # (_process_tokens): two more, so that a row qbco keeps whole is whole here too.
+        max_length=args.max_prompt + args.max_completion + 2, max_completion_length=args.max_completion,
+        precompute_ref_log_probs=args.precompute, bf16=args.dtype == "bf16", fp16=False, use_cpu=not cuda, seed=args.seed,
         report_to=[], eval_strategy="no", save_strategy="no", logging_steps=1, disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0,
     )
@@ -131,7 +135,8 @@ def main() -> None:
     whole_s = time.perf_counter() - t0
     shutil.rmtree(work, ignore_errors=True)
     common.report(args, "trl-precompute" if args.precompute else "trl-default", step_seconds, step_tokens, losses,
-                  load_peak, start_rss, marks["ref_s"], whole_s, import_s, step_cpu=step_cpu)
+                  load_peak, start_rss, marks["ref_s"], whole_s, import_s, step_cpu=step_cpu,
+                  extra={"checkpointing": "every layer checkpointed" if config.gradient_checkpointing else "no layer checkpointed"})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ python=${PYTHON:-python3}
 .venv-trl/bin/python -c "import torch" 2>/dev/null || .venv-trl/bin/pip install --quiet torch==2.13.0
 .venv-trl/bin/pip install --quiet \
     trl==1.13.0 \
-    transformers==5.23.0 \
+    transformers==5.24.0 \
     peft==0.21.2 \
     bitsandbytes==0.50.2 \
     accelerate==1.15.0 \

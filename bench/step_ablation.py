@@ -59,7 +59,7 @@ def child(args) -> None:
     if args.checkpoint_head:
         from torch.utils.checkpoint import checkpoint
 
-        ql.HeadLogps.apply = lambda h, t, head: checkpoint(ql.token_logps, head, h, t, use_reentrant=False)
+        ql.HeadLogps.apply = lambda h, t, head, transform: checkpoint(ql.token_logps, head, h, t, transform, use_reentrant=False)
     rows = [json.loads(line) for line in (ROOT / "bench/out/w1.jsonl").read_text().splitlines()[:8]]
     encoded = qd.encode_all(qd.rows_to_examples(rows, "w1"), tokenizer, 256, 256)
     b = qd.collate(encoded, list(range(8)), tokenizer.pad_token_id)

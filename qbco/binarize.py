@@ -2,9 +2,10 @@
 
 Everything streams: rows are read one at a time and written as they come, so memory does not grow with
 the size of the text. What does grow with the number of rows is small and said where it is kept: one
-16-byte digest per distinct output row (duplicate detection) and, in the modes that group rows by prompt,
-one small record per distinct prompt. Those modes read the input twice (a file can be re-read; a hub
-dataset can be re-iterated) instead of holding rows in memory.
+16-byte digest per distinct output row (duplicate detection), one per distinct prompt (the summary's
+prompt counts) and, in the modes that group rows by prompt, one small record per distinct prompt. Those
+modes read the input twice (a file can be re-read; a hub dataset can be re-iterated) instead of holding
+rows in memory.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ DEFAULT_THRESHOLD = 4.0  # HelpSteer2 helpfulness 0-4: 4 is thumbs-up, 0-3 thumb
 SCORE_COLUMNS = ("helpfulness", "score", "rating")
 RESPONSE_COLUMNS = ("response", "completion")
 PAIR_SCORE_COLUMNS = (("score_chosen", "score_rejected"), ("rating_chosen", "rating_rejected"))
+# HelpSteer2 keeps the earlier turns of a multi-turn conversation (about 29% of its prompts) in the `prompt`
+# string, each later turn opened by a line "<extra_id_1>Assistant" or "<extra_id_1>User" (NeMo's chat
+# markers; its dataset card): "{user turn 1}\n<extra_id_1>Assistant\n{assistant turn 1}\n<extra_id_1>User\n
+# {user turn 2}". Read as one user message, the model would train on the markers (docs/pitfalls.md, 16).
+NEMO_TURN = re.compile(r"(?:^|\r?\n)<extra_id_1>(User|Assistant)[ \t]*(?:\r?\n|$)")
 
 # Why a candidate row was not written. The first group are defects in the data: --strict stops on them.
 EMPTY_PROMPT = "empty prompt"
@@ -85,6 +91,8 @@ class Summary:
     scale_source: str | None = None  # "given", or "inferred": the lowest and highest usable score read
     passes: int = 1
     warnings: list[str] = field(default_factory=list)
+    prompts: int = 0  # distinct prompts among the rows written
+    multi_turn_prompts: int = 0  # of those, prompts holding earlier turns (an assistant message)
 
     @property
     def up_share(self) -> float | None:
@@ -146,14 +154,36 @@ def _message(m: Any) -> dict[str, str]:
     return {"role": m["role"], "content": m["content"]}
 
 
+def split_nemo_turns(text: str) -> list[dict[str, str]] | None:
+    """A HelpSteer2 prompt with earlier turns as chat messages: user and assistant alternating, ending with
+    the user turn that the response answers. None when the text holds no turn marker; Drop(MALFORMED) when
+    the turns do not alternate that way or one is empty."""
+    parts = NEMO_TURN.split(text)
+    if len(parts) == 1:
+        return None
+    first, rest = parts[0], parts[1:]
+    messages = [{"role": "user", "content": first}] if first.strip() else []
+    messages += [{"role": role.lower(), "content": content} for role, content in zip(rest[::2], rest[1::2])]
+    expected = ["user", "assistant"] * len(messages)
+    if (not messages or [m["role"] for m in messages] != expected[: len(messages)] or messages[-1]["role"] != "user"
+            or not all(m["content"].strip() and "<extra_id_1>" not in m["content"] for m in messages)):
+        raise Drop(MALFORMED)
+    return messages
+
+
+def is_multi_turn(prompt: Any) -> bool:
+    return isinstance(prompt, list) and any(m["role"] == "assistant" for m in prompt)
+
+
 def normalize_prompt(value: Any) -> str | list[dict[str, str]]:
-    """A prompt as text, or as a list of {role, content} chat messages (kept as a list)."""
+    """A prompt as text, or as a list of {role, content} chat messages (kept as a list). Text with
+    HelpSteer2's turn markers becomes the messages it holds (split_nemo_turns)."""
     if value is None:
         raise Drop(EMPTY_PROMPT)
     if isinstance(value, str):
         if not value.strip():
             raise Drop(EMPTY_PROMPT)
-        return value
+        return split_nemo_turns(value) or value
     if isinstance(value, (list, tuple)):
         messages = [_message(m) for m in value]
         if not any(m["content"].strip() for m in messages):
@@ -200,7 +230,7 @@ def _present(value: Any) -> bool:
 
 def _as_messages(prompt: Any) -> list[dict[str, str]]:
     if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
+        return split_nemo_turns(prompt) or [{"role": "user", "content": prompt}]
     return [_message(m) for m in prompt] if isinstance(prompt, (list, tuple)) else []
 
 
@@ -333,6 +363,7 @@ def binarize_rows(open_rows: RowSource, origin: str, options: Options, summary: 
         summary.passes = 2
 
     seen: set[bytes] = set()  # one 16-byte digest per distinct row: ~100 bytes each, never the text
+    prompts: set[bytes] = set()  # and one per distinct prompt written
     lo = hi = None
 
     def reject(reason: str, where: str) -> None:
@@ -373,6 +404,10 @@ def binarize_rows(open_rows: RowSource, origin: str, options: Options, summary: 
                     reject(reason, where)
                     continue
             summary.rows_written += 1
+            if _digest(prompt) not in prompts:
+                prompts.add(_digest(prompt))
+                summary.prompts += 1
+                summary.multi_turn_prompts += is_multi_turn(prompt)
             summary.thumbs_up += bool(label)
             summary.thumbs_down += not label
             yield {"prompt": prompt, "completion": completion, "label": bool(label), "score": score, "source": source}
@@ -523,6 +558,7 @@ def summary_table(summary: Summary):
     rows += [
         ("rows read", str(summary.rows_read)),
         ("rows written", str(summary.rows_written)),
+        ("prompts", f"{summary.prompts} ({summary.multi_turn_prompts} multi-turn)"),
         ("thumbs-up", f"{summary.thumbs_up} ({share})"),
         ("thumbs-down", str(summary.thumbs_down)),
         ("dropped", str(summary.dropped_total)),

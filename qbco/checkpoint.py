@@ -1,20 +1,23 @@
 """Checkpoints: everything a run needs to continue as if it had never stopped, written atomically.
 
 RUN/checkpoints/step-00000050/ holds the adapter (peft safetensors), state.pt (optimizer, scheduler, torch
-RNG states; read back with weights_only=True) and state.json (step, elapsed time, reward-shift state). The
-data order needs no state of its own: it is a pure function of (seed, epoch), so the step number says where
-the run stands in it.
+RNG states, the fp16 loss scaler's; read back with weights_only=True) and state.json (step, elapsed time,
+reward-shift state, and the fingerprint of the inputs). The data order needs no state of its own: it is a
+pure function of (seed, epoch) over the training rows, so the step number says where the run stands in it,
+as long as the rows are the same; the fingerprint is how a resume knows they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from qbco.run_folder import atomic_folder
+from qbco.errors import QbcoError
+from qbco.run_folder import DiskFull, atomic_folder
 
 PREFIX = "step-"
 
@@ -27,27 +30,53 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file())
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, elapsed_s: float, shift_state: dict, keep: int) -> Path:
+def remove_leftovers(run_dir: Path) -> None:
+    """What a run killed while writing a checkpoint left: a half-written temporary folder (removed), or a
+    checkpoint moved aside to be replaced (atomic_folder's .NAME.old-PID: put back if nothing replaced it)."""
+    folder = run_dir / "checkpoints"
+    for tmp in sorted(folder.glob(".*.partial-*")) if folder.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(folder.glob(f".{PREFIX}*.old-*")) if folder.is_dir() else []:
+        name = folder / old.name[1:].rsplit(".old-", 1)[0]
+        if name.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(name)
+
+
+def rng_state() -> dict:
+    """The torch RNG states (CPU and every CUDA device): what dropout draws from."""
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, elapsed_s: float, shift_state: dict,
+                    keep: int, inputs: dict | None = None, rng: dict | None = None, scaler=None) -> Path:
+    """RUN/checkpoints/step-NNNNNNNN, whole or not at all; `rng` is the RNG state to record (default: now's).
+    On a full disk the older checkpoints stay as they are and the error says how to go on."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{PREFIX}{step:08d}"
-    with atomic_folder(target) as tmp:
-        model.save_pretrained(tmp)
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        torch.save(state, tmp / "state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed_s, "shift": shift_state}))
+    try:
+        with atomic_folder(target) as tmp:
+            model.save_pretrained(tmp)
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **(rng or rng_state()),
+                     "scaler": scaler.state_dict() if scaler is not None else {}}  # fp16: the loss scale reached
+            torch.save(state, tmp / "state.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed_s, "shift": shift_state,
+                                                        "inputs": inputs or {}}))
+    except DiskFull as full:
+        kept = [p for p in checkpoint_dirs(run_dir) if p != target]
+        last = f"the last complete checkpoint, {kept[-1].name}, is intact" if kept else "no checkpoint was written"
+        raise QbcoError(f"the disk is full: writing checkpoint {target.name} failed with {full.free >> 20} MiB free "
+                        f"in {folder}; {last}. Free some space, then: qbco train --resume {run_dir}") from full
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
-    """Restore adapter, optimizer, scheduler and RNG states in place; returns state.json's contents."""
+def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler=None) -> dict:
+    """Restore adapter, optimizer, scheduler, RNG and (fp16) loss-scaler states in place; returns state.json's contents."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -58,4 +87,79 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     return json.loads((folder / "state.json").read_text())
+
+
+def saved_inputs(folder: Path) -> dict:
+    """The fingerprint a checkpoint recorded ({} for one written before fingerprints existed)."""
+    return json.loads((folder / "state.json").read_text()).get("inputs", {})
+
+
+# ------------------------------------------------------------------ what the data order depends on
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(train_examples, eval_examples) -> dict[str, str]:
+    """The rows (prompt and completion text, in file order), their labels and the held-out split: the step
+    order is drawn over these, so a resume on other ones would continue a different run."""
+    return {
+        "training rows": f"{len(train_examples)} rows, {digest([[e.prompt_key, e.completion] for e in train_examples])}",
+        "labels": digest([e.label for e in train_examples]),
+        "held-out rows": f"{len(eval_examples)} rows, {digest([[e.prompt_key, e.completion, e.label] for e in eval_examples])}",
+    }
+
+
+def model_fingerprint(train_rows, eval_rows, base: str, load_in_4bit: bool, dtype: torch.dtype) -> dict[str, str]:
+    """The token ids (the tokenizer, its chat template and the length limits decide them), the base and how
+    it is loaded: the reference log-probs and every step's loss depend on them."""
+    return {
+        "token ids": digest([[e.prompt_ids, e.completion_ids] for e in train_rows + eval_rows]),
+        "base model": base_fingerprint(base),
+        "loading of the base": f"{'4-bit' if load_in_4bit else 'not 4-bit'}, {str(dtype).removeprefix('torch.')}",
+    }
+
+
+def base_fingerprint(base: str, sample: int = 1 << 20) -> str:
+    """A hub model by its id and commit; a local folder by its config and weight files' names, sizes and first
+    and last MiB. Not by their dates, unlike the reference cache's key (refcache.base_identity): a copied or
+    re-converted base is the same base, and refusing it would leave a run that cannot be resumed."""
+    from qbco.refcache import hub_revision
+
+    folder = Path(base)
+    if not folder.is_dir():
+        return f"{base}@{hub_revision(base)}"
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file()):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(sample))
+            if size > 2 * sample:
+                f.seek(size - sample)
+                h.update(f.read(sample))
+    return h.hexdigest()[:16]
+
+
+def check_inputs(run_dir: Path, checkpoint: Path, saved: dict, now: dict) -> None:
+    """Refuse to resume when what a checkpoint recorded differs from the inputs now, naming each part."""
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    if not changed:
+        return
+    said = ", ".join(describe_change(k, saved[k], now[k]) for k in changed)
+    raise QbcoError(f"--resume {run_dir}: the inputs changed since {checkpoint.name} was written: {said}. Resuming "
+                    "would continue on another row order or another reference; restore them, or start a new run "
+                    f"(qbco train --recipe {run_dir / 'config.yaml'})")
+
+
+def describe_change(part: str, then: str, now: str) -> str:
+    if part.endswith("rows"):
+        (n_then, _), (n_now, _) = then.split(", "), now.split(", ")
+        return f"the {part} ({n_then} then, {n_now} now)" if n_then != n_now else f"the {part} (edited)"
+    if part.startswith("loading"):
+        return f"the {part} ({then} then, {now} now)"
+    return f"the {part}"

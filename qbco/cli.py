@@ -10,15 +10,18 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from qbco.allocator import active, restart_under_mimalloc
 from qbco.errors import QbcoError
@@ -37,8 +40,8 @@ def user_errors():
     """A QbcoError is one red line and exit code 2, never a traceback."""
     try:
         yield
-    except QbcoError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    except QbcoError as err:  # escaped: a message may hold brackets ("pip install 'qbco[eval]'") that are not markup
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -56,18 +59,29 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+class _StepFigures(ProgressColumn):
+    """The training bar's loss, delta and tokens/s; nothing on the bars of the waits around it."""
+
+    def render(self, task) -> Text:
+        f = task.fields
+        return Text(f"loss {f['loss']:.4f}  delta {f['delta']:+.4f}  {f['tps']:.0f} tok/s" if "loss" in f else "")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _StepFigures(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+def _log(message) -> None:
+    console.print(message, highlight=False)
+
+
 def _run(run_training, config, quiet: bool, resume, overwrite: bool):
-    """The training run, under a rich progress bar unless quiet."""
+    """The training run, under rich progress bars unless quiet."""
     if quiet:
         return run_training(config, progress=None, log=lambda message: None, resume=resume, overwrite=overwrite)
-    log = lambda message: console.print(message, highlight=False)  # noqa: E731
-    columns = [
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  delta {task.fields[delta]:+.4f}  {task.fields[tps]:.0f} tok/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console, transient=False) as progress:
-        return run_training(config, progress=progress, log=log, resume=resume, overwrite=overwrite)
+    with _progress() as progress:
+        return run_training(config, progress=progress, log=_log, resume=resume, overwrite=overwrite)
 
 
 @app.callback()
@@ -79,7 +93,7 @@ def main() -> None:
 def train(
     model: Optional[str] = typer.Option(None, help="Model: smollm2-135m (offline), qwen2.5-3b, qwen2.5-7b, llama-3.2-3b, llama-3.1-8b, a local folder or a hub id. (default: smollm2-135m)"),
     data: Optional[str] = typer.Option(None, help="Feedback: 'demo' (bundled), a registered name (qbco datasets) or a .jsonl/.json/.csv/.tsv/.parquet file with prompt, completion, label. (default: demo)"),
-    recipe: Optional[Path] = typer.Option(None, help="A YAML recipe (recipes/*.yaml) that supplies defaults; flags override it."),
+    recipe: Optional[str] = typer.Option(None, help="A YAML recipe file, a shipped recipe's name (qwen2.5-3b-helpsteer2, smollm2-135m-demo) or 'none'. Without it, the shipped recipe written for this --model and --data is applied when there is one. Flags override a recipe."),
     output: Optional[str] = typer.Option(None, help="Run folder. (default: runs/<model>-<data>-<timestamp>)"),
     loss: Optional[str] = typer.Option(None, help="bco (reward shift delta, Eq. 7), bce (delta fixed at 0), kto (Ethayarajh et al. 2024) or dpo (pairs of rows sharing a prompt). (default: bco)"),
     balance: Optional[str] = typer.Option(None, help="Class imbalance: none (BCO's per-class means already weigh both classes equally), oversample (repeat minority-class rows, as the paper did for HelpSteer2) or weight (class weights from the dataset's shares; see docs/data.md). (default: none)"),
@@ -103,36 +117,39 @@ def train(
     max_grad_norm: Optional[float] = typer.Option(None, help="Gradient norm clip per optimizer step. (default: 1.0)"),
     seed: Optional[int] = typer.Option(None, help="Seed for LoRA init, data order and splits. (default: 0)"),
     load_in_4bit: Optional[bool] = typer.Option(None, "--4bit/--no-4bit", help="Base in 4-bit NF4 (double quantization) or plain float. (default: 4bit)"),
-    dtype: Optional[str] = typer.Option(None, help="Compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32. (default: auto)"),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (non-reentrant). (default: on)"),
+    dtype: Optional[str] = typer.Option(None, help="Compute dtype: auto (bf16 on a GPU with native bf16, A100 / RTX 30xx and newer; fp16 with loss scaling on older ones, T4 / V100; fp32 on CPU), bf16, fp16 (always with loss scaling), fp32. (default: auto)"),
+    gradient_checkpointing: Optional[str] = typer.Option(None, help="Recompute activations in backward: auto (every k-th decoder layer, k chosen from the memory estimate against --memory-budget: as few as fit), on (every layer, the least memory), off. (default: auto)"),
+    memory_budget: Optional[float] = typer.Option(None, help="GiB that --gradient-checkpointing auto plans for. (default: the free GPU memory less 10% of the card; on a CPU a third of the available RAM, at most 2.5x the estimate with every layer checkpointed)"),
     logprob_chunk: Optional[int] = typer.Option(None, help="Completion tokens per LM-head chunk: bounds the logits memory. (default: 2^24 logits' worth, 341 tokens for a 49,152-token vocabulary)"),
     save_every: Optional[int] = typer.Option(None, help="Optimizer steps between checkpoints; one is always written at the end and on Ctrl-C. (default: 50)"),
     keep: Optional[int] = typer.Option(None, help="Checkpoints kept in RUN/checkpoints. (default: 2)"),
     allow_one_class: Optional[bool] = typer.Option(None, "--allow-one-class", help="Train BCO on data that holds only thumbs-up or only thumbs-down rows. (default: refuse)"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Run the Python code a hub model ships. (default: off)"),
-    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run from its last checkpoint, with its own config.yaml."),
+    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run from its last checkpoint, with its own config.yaml; only --lr, --max-steps, --epochs, --save-every, --keep, --memory-budget, --gradient-checkpointing (recorded in config.yaml) and --quiet may be given with it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run that --output already holds."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table; for scripts."),
 ) -> None:
     """Align a model on binary feedback with BCO: 4-bit base, LoRA adapters, reference = adapters off."""
-    given = [name for name, value in locals().items() if value is not None and name not in ("quiet", "overwrite", "resume")]
+    given = {name: value for name, value in locals().items() if value is not None and name not in ("quiet", "overwrite", "resume")}
     restart_under_mimalloc()  # before anything is loaded: qbco.allocator says why
-    from qbco.config import build_config
+    from qbco.config import build_config, choose_recipe, resume_config
 
     with user_errors():
-        if resume is not None and given:
-            raise QbcoError(f"--resume continues a run with its own config.yaml; drop --{given[0].replace('_', '-')}")
-        config = build_config(
-            recipe,
+        recipe_file, matched = choose_recipe(recipe, model, data) if resume is None else (None, None)
+        # On --resume only config.RESUME_OVERRIDES may be given (--lr, as the NaN stop advises); others are refused.
+        config = resume_config(resume, **given) if resume is not None else build_config(
+            recipe_file,
             model=model, data=data, output=output, loss=loss, balance=balance, beta=beta, sft_weight=sft_weight, lr=lr, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, grad_accum=grad_accum, max_prompt_length=max_prompt_length,
             max_completion_length=max_completion_length, lora_r=lora_r, lora_alpha=lora_alpha,
             lora_dropout=lora_dropout, lora_targets=lora_targets, eval_fraction=eval_fraction, ema_decay=ema_decay,
             warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
-            load_in_4bit=load_in_4bit, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+            load_in_4bit=load_in_4bit, dtype=dtype, gradient_checkpointing=gradient_checkpointing, memory_budget=memory_budget,
             logprob_chunk=logprob_chunk, save_every=save_every, keep=keep, allow_one_class=allow_one_class,
             trust_remote_code=trust_remote_code,
         )
+        if matched and not quiet:
+            _log(matched)
         _quiet_libraries()
         from qbco.train import TrainingStopped
         from qbco.train import train as run_training
@@ -140,11 +157,12 @@ def train(
         try:
             result = _run(run_training, config, quiet, resume, overwrite)
         except TrainingStopped as stop:  # reported even with --quiet: it says how to go on
-            console.print(f"[bold yellow]stopped:[/] {stop}", highlight=False, soft_wrap=True)
+            console.print(f"[bold yellow]stopped:[/] {escape(str(stop))}", highlight=False, soft_wrap=True)
             raise typer.Exit(stop.exit_code) from None
         except KeyboardInterrupt:
-            console.print("[bold yellow]interrupted:[/] exited at once; the last complete checkpoint is intact "
-                          "(qbco train --resume RUN continues from it)", highlight=False, soft_wrap=True)
+            console.print("[bold yellow]interrupted:[/] exited at once; checkpoints are written whole, so the last one "
+                          "is intact (qbco train --resume RUN continues from it, or from the start if none was written)",
+                          highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
     if not quiet:
         table = Table(title=f"qbco train: {result.output}", show_header=False)
@@ -153,6 +171,7 @@ def train(
             ("time", f"{result.elapsed_s:.1f} s"),
             ("tokens/s", f"{result.tokens_per_s:.0f}"),
             ("peak memory", f"{result.peak_memory_mb:.0f} MiB"),
+            ("checkpointing", result.checkpointing.summary() if result.checkpointing else f"{config.gradient_checkpointing} (no estimate for this model)"),
             ("allocator", active()),
             ("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-"),
             ("held-out reward accuracy", f"{result.eval['eval_reward_accuracy']:.3f}" if result.eval else "no held-out rows"),
@@ -240,7 +259,7 @@ def eval_(
     max_new_tokens: int = typer.Option(128, help="With --generate: most tokens per answer."),
     max_prompts: Optional[int] = typer.Option(None, help="With --generate: answer only the first N distinct prompts. (default: all)"),
 ) -> None:
-    """Score feedback with a run: classification, calibration, pairs, drift; writes RUN_DIR/eval/."""
+    """Score feedback with a run: classification, calibration, pairs, drift; writes RUN_DIR/eval/ (--data X: RUN_DIR/eval-X/)."""
     restart_under_mimalloc()
     with user_errors():
         from qbco.evaluate import evaluate, generation_table, summary_table
@@ -252,9 +271,9 @@ def eval_(
             raise QbcoError(f"--max-prompts must be >= 1 (got {max_prompts})")
         sampling = Sampling(max_new_tokens=max_new_tokens).validate() if generate else None
         _quiet_libraries()
-        report = evaluate(run_dir, data=data, slice_by=slice_by, batch_size=batch_size,
-                          log=lambda message: console.print(message, highlight=False), generate=sampling,
-                          max_prompts=max_prompts)
+        with _progress() as progress:
+            report = evaluate(run_dir, data=data, slice_by=slice_by, batch_size=batch_size, log=_log, progress=progress,
+                              generate=sampling, max_prompts=max_prompts)
     Console().print(summary_table(report))
     if generate:
         Console().print(generation_table(report))

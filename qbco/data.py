@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 from collections import defaultdict
@@ -14,8 +15,9 @@ import torch
 
 from qbco.errors import QbcoError
 
-TRUE_LABELS = {"true", "1", "up", "thumbs_up", "thumbsup", "yes", "positive", "good"}
-FALSE_LABELS = {"false", "0", "down", "thumbs_down", "thumbsdown", "no", "negative", "bad"}
+# "1.0" / "0.0": pandas writes a label column as floats once any cell of it is missing, and so it goes to CSV.
+TRUE_LABELS = {"true", "1", "1.0", "up", "thumbs_up", "thumbsup", "yes", "positive", "good"}
+FALSE_LABELS = {"false", "0", "0.0", "down", "thumbs_down", "thumbsdown", "no", "negative", "bad"}
 
 
 def normalize_label(value: Any) -> bool:
@@ -114,12 +116,13 @@ def load_feedback(data: str, eval_fraction: float | None, seed: int) -> tuple[li
     eval_fraction None keeps the data's own held-out part (the demo's, a registry's validation split)
     and otherwise holds out 10%; a number re-splits everything by prompt with that fraction.
     """
+    check_data_source(data)
     own_eval: list[Example] | None = None
     if data == "demo":
         train, own_eval = read_demo()
         return _resplit(train, own_eval, eval_fraction, seed)
     from qbco import registry
-    from qbco.reader import FORMATS, read_rows
+    from qbco.reader import read_rows
 
     if registry.is_registered(data):
         train_rows, eval_rows = registry.load_registered(data)
@@ -127,11 +130,25 @@ def load_feedback(data: str, eval_fraction: float | None, seed: int) -> tuple[li
         own_eval = rows_to_examples(eval_rows, f"{data}:eval") if eval_rows else None
     else:
         path = Path(data).expanduser()
-        if not path.exists() and path.suffix.lower().lstrip(".") not in FORMATS:
-            names = ", ".join(["demo", *registry.DATASETS])
-            raise QbcoError(f"--data {data!r} is neither a file nor a registered dataset ({names})")
         train = rows_to_examples(read_rows(path), str(path))
     return _resplit(train, own_eval, eval_fraction, seed)
+
+
+def check_data_source(data: str) -> None:
+    """The one-line error for a `--data` that is neither 'demo', a registered name nor a file, with the
+    nearest name. It reads nothing, so a typo fails before a model is converted, loaded or downloaded."""
+    from qbco import registry
+    from qbco.reader import FORMATS
+
+    path = Path(data).expanduser()
+    if data == "demo" or registry.is_registered(data) or path.exists():
+        return
+    if path.name.lower().split(".")[-1] in (*FORMATS, "gz"):
+        raise QbcoError(f"data file not found: {path}")
+    names = ["demo", *registry.DATASETS]
+    close = difflib.get_close_matches(data.lower(), names, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise QbcoError(f"--data {data!r} is neither a file nor a registered dataset ({', '.join(names)}){hint}")
 
 
 def _resplit(train: list[Example], own_eval: list[Example] | None, eval_fraction: float | None, seed: int):
@@ -172,18 +189,76 @@ def prompt_text(prompt: str | list[dict[str, str]], tokenizer) -> tuple[str, boo
     return "\n\n".join(m["content"] for m in messages) + "\n\n", False
 
 
-def encode(example: Example, tokenizer, max_prompt_length: int, max_completion_length: int) -> Encoded:
-    """Prompt cut from the left, completion (ended by EOS) cut from the right."""
-    text, templated = prompt_text(example.prompt, tokenizer)
+def prompt_token_ids(prompt: str | list[dict[str, str]], tokenizer, limit: int) -> tuple[list[int], bool]:
+    """(token ids of the prompt as the model sees it, at most `limit`; whether it was shortened).
+
+    A long prompt is shortened in its messages, never in what the chat template writes around them: BOS, a
+    default system prompt, the role headers and the generation prompt all stay (cutting the token ids from
+    the left would drop exactly those: Llama 3 and Qwen 2.5 templates open with them). The earliest turns go
+    first: a turn whose tokens are all over the limit is dropped whole and the next one is cut from its start
+    (an assistant turn may then open the conversation; where the template refuses that, it is dropped too);
+    only then the final turn, the one the completion answers, is cut from its start. System messages stay.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    ids = _render(messages, tokenizer)
+    cut = False
+    while len(ids) > limit:
+        cut, excess = True, len(ids) - limit
+        first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+        rest = _without_first_tokens(messages[first]["content"], excess, tokenizer) if first is not None else ""
+        final = first is None or first == len(messages) - 1
+        if final and not rest.strip():
+            fixed = len(_render([m if m["role"] == "system" else {**m, "content": ""} for m in messages], tokenizer))
+            raise QbcoError(f"what the chat template adds and the system message take {fixed} tokens, more than "
+                            f"--max-prompt-length {limit}; raise it")
+        if not rest.strip():
+            del messages[first]
+            if messages[first]["role"] == "assistant" and first < len(messages) - 1 and _render(messages, tokenizer, None) is None:
+                del messages[first]  # the template wants a user turn first (Gemma's and Mistral's do)
+        else:
+            messages[first]["content"] = rest
+        ids = _render(messages, tokenizer)
+    return ids, cut
+
+
+def _render(messages: list[dict[str, str]], tokenizer, refused: Any = "raise") -> list[int] | None:
+    """The messages' token ids; `refused` instead of the template's own error, when it is not "raise"."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        text, templated = prompt_text(messages, tokenizer)
+    except TemplateError:
+        if refused == "raise":
+            raise
+        return refused
     # A chat template writes its own BOS where the model wants one; a raw prompt gets the tokenizer's default.
-    prompt_ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
+
+
+def _without_first_tokens(text: str, k: int, tokenizer) -> str:
+    """`text` less its first k tokens, the rest exactly as written ('' when nothing is left)."""
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except NotImplementedError:  # a slow (Python) tokenizer has no offsets
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer.decode(ids[k:]) if k < len(ids) else ""
+    # Several byte-level tokens can start inside one character: cut at the first start past the text's own.
+    at = next((start for start, _ in offsets[k:] if start > 0), len(text))
+    return text[at:]
+
+
+def encode(example: Example, tokenizer, max_prompt_length: int, max_completion_length: int) -> Encoded:
+    """Prompt shortened from its earliest turns (prompt_token_ids), completion (ended by EOS) cut from the right."""
+    try:
+        prompt_ids, prompt_cut = prompt_token_ids(example.prompt, tokenizer, max_prompt_length)
+    except QbcoError as err:
+        raise QbcoError(f"{example.source}: {err}") from None
     completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         completion_ids = completion_ids + [tokenizer.eos_token_id]
-    prompt_cut = len(prompt_ids) > max_prompt_length
     completion_cut = len(completion_ids) > max_completion_length
     return Encoded(
-        prompt_ids=prompt_ids[-max_prompt_length:],
+        prompt_ids=prompt_ids,
         completion_ids=completion_ids[:max_completion_length],
         label=example.label,
         prompt_cut=prompt_cut,
@@ -237,8 +312,13 @@ def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int
     return [order[i : i + batch_size] for i in range(0, min(n, full), batch_size)]
 
 
-def iter_batches(encoded: list[Encoded], batch_size: int, pad_id: int) -> Iterator[Batch]:
-    """In-order batches for evaluation and reference passes, longest-first within the data to cut padding."""
+def batch_order(encoded: list[Encoded], batch_size: int) -> list[list[int]]:
+    """The rows of each batch of an evaluation or reference pass: longest first, to cut padding."""
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    for start in range(0, len(order), batch_size):
-        yield collate(encoded, order[start : start + batch_size], pad_id)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def iter_batches(encoded: list[Encoded], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """The batches of batch_order, collated."""
+    for rows in batch_order(encoded, batch_size):
+        yield collate(encoded, rows, pad_id)

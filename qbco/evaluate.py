@@ -1,12 +1,14 @@
 """`qbco eval`: score feedback rows with a finished run (one no-grad pass of the policy, one of the
-reference) and write RUN/eval/: metrics.json, reliability.png and scores.jsonl (one line per row). With
---generate also answer the rows' prompts with base and tuned and write generations.jsonl: how the answers
-changed, their rewards under the run and, where rows carry a check (qbco.tasks), task success."""
+reference) and write metrics.json, reliability.png and scores.jsonl (one line per row) into RUN/eval/ (the
+run's held-out rows) or RUN/eval-NAME/ (`--data NAME`). With --generate also answer the rows' prompts with base
+and tuned and write generations.jsonl there: how the answers changed, their rewards under the run and, where
+rows carry a check (qbco.tasks), task success."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from qbco.data import Example, encode_all, load_feedback, prompt_pairs, rows_to_
 from qbco.errors import QbcoError
 from qbco.loss import implicit_rewards
 from qbco.reader import read_rows
+from qbco.run_folder import atomic_folder
 from qbco.shift import RewardShift
 
 
@@ -70,13 +73,15 @@ def run_delta(run_dir: Path, config) -> float:
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None = None, batch_size: int | None = None, log=print,
-             generate=None, max_prompts: int | None = None) -> dict:
+             progress=None, generate=None, max_prompts: int | None = None) -> dict:
     """Score the rows, compute every figure (overall and per slice), write RUN/eval/; returns the report.
-    `generate`: a qbco.generate.Sampling to also answer the rows' prompts (the first `max_prompts` distinct
-    ones, default all) with base and tuned (answers())."""
+    `progress` (the CLI's rich Progress, or None) shows the scoring. `generate`: a qbco.generate.Sampling to
+    also answer the rows' prompts (the first `max_prompts` distinct ones, default all) with base and tuned
+    (answers())."""
     from qbco.logprobs import dataset_logps, reference_logps
     from qbco.models import compute_dtype, load_run, resolve_model
     from qbco.plot import reliability_diagram
+    from qbco.progress import Wait
     from qbco.refcache import cache_key
 
     run_dir = Path(run_dir)
@@ -94,9 +99,11 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
     size, pad = batch_size or config.batch_size, tokenizer.pad_token_id
 
     started = time.perf_counter()
-    policy = dataset_logps(model, encoded, size, pad, device, config.logprob_chunk)
+    wait = Wait(progress, "scoring: policy, then reference", 2 * len(encoded))
+    policy = dataset_logps(model, encoded, size, pad, device, config.logprob_chunk, wait)
     key = cache_key(resolve_model(config.model), config.load_in_4bit, compute_dtype(config.dtype, device), device, encoded)
-    reference = reference_logps(model, encoded, size, pad, device, config.logprob_chunk, key)
+    reference = reference_logps(model, encoded, size, pad, device, config.logprob_chunk, key, wait.after(len(encoded)))
+    wait(2 * len(encoded))  # a cached reference needs no pass
     log(f"scored {len(encoded)} rows with policy and reference in {time.perf_counter() - started:.1f}s")
 
     labels = torch.tensor([e.label for e in examples])
@@ -121,26 +128,25 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
             )
         report["slices"] = {"column": slice_by, "values": values}
 
-    out = run_dir / "eval"
-    out.mkdir(exist_ok=True)
+    out = eval_folder(run_dir, data, described)
     records = None
     if generate is not None:
         records, kind = answers(run_dir, config, tokenizer, model, entries, delta, generate, size, log)
         report["generation"] = answer_figures(records, slice_by)
         report["generation_kind"], report["sampling"] = kind.removeprefix("run: "), generate.describe()
     binary = report["overall"]["binary"]
-    reliability_diagram(binary["reliability"], binary["ece"], out / "reliability.png", f"{run_dir.name}: {described}")
     rewards = implicit_rewards(policy, reference, config.beta)
     probs = metrics.p_up(rewards, delta).tolist()
-    with open(out / "scores.jsonl", "w", encoding="utf-8") as f:
-        for e, r, p, pol, ref, n in zip(examples, rewards.tolist(), probs, policy.tolist(), reference.tolist(), tokens.tolist()):
-            f.write(json.dumps({"source": e.source, "label": e.label, "reward": r, "p_up": p, "policy_logp": pol,
-                                "reference_logp": ref, "completion_tokens": n}) + "\n")
-    names = ["metrics.json", "reliability.png", "scores.jsonl"]
-    if records is not None:
-        _write_jsonl(out / "generations.jsonl", records)
-        names.append("generations.jsonl")
-    _write_json(out / "metrics.json", report)
+    with atomic_folder(out) as tmp:  # a rerun on the same rows replaces its own folder whole, never another's
+        reliability_diagram(binary["reliability"], binary["ece"], tmp / "reliability.png", f"{run_dir.name}: {described}")
+        with open(tmp / "scores.jsonl", "w", encoding="utf-8") as f:
+            for e, r, p, pol, ref, n in zip(examples, rewards.tolist(), probs, policy.tolist(), reference.tolist(), tokens.tolist()):
+                f.write(json.dumps({"source": e.source, "label": e.label, "reward": r, "p_up": p, "policy_logp": pol,
+                                    "reference_logp": ref, "completion_tokens": n}) + "\n")
+        if records is not None:
+            _write_jsonl(tmp / "generations.jsonl", records)
+        _write_json(tmp / "metrics.json", report)
+    names = ["metrics.json", "reliability.png", "scores.jsonl"] + (["generations.jsonl"] if records is not None else [])
     report["files"] = [str(out / n) for n in names]
     return report
 
@@ -272,6 +278,20 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def eval_folder(run_dir: Path, data: str | None, described: str) -> Path:
+    """RUN/eval/ for the run's own held-out rows; RUN/eval-NAME/ for --data NAME or FILE (NAME-2, -3, ... when
+    that name already holds the figures of other rows), so no evaluation writes over another."""
+    if data is None:
+        return run_dir / "eval"
+    name = Path(data).expanduser().stem if Path(data).expanduser().is_file() else data
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "data"
+    folder, n = run_dir / f"eval-{slug}", 1
+    while (folder / "metrics.json").is_file() and json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("data") != described:
+        n += 1
+        folder = run_dir / f"eval-{slug}-{n}"
+    return folder
 
 
 def _write_json(path: Path, value: dict) -> None:

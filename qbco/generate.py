@@ -174,8 +174,9 @@ def complete_all(model, tokenizer, prompts: list, sampling: Sampling, device, ba
     `batch_size` prompts at a time, left-padded so that every row's answer starts where its prompt ends."""
     from qbco.data import prompt_text
 
+    stops = stop_ids(model, tokenizer)
     options = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
-               "eos_token_id": tokenizer.eos_token_id, "use_cache": True}
+               "eos_token_id": stops, "use_cache": True}
     if sampling.temperature > 0:
         options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
     else:
@@ -193,10 +194,27 @@ def complete_all(model, tokenizer, prompts: list, sampling: Sampling, device, ba
             torch.manual_seed(sampling.seed)
             out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **options)
             width = inputs["input_ids"].shape[1]
-            answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+            answers += [tokenizer.decode(until_stop(row[width:].tolist(), stops), skip_special_tokens=True).strip() for row in out]
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the model's generation config may list several (Qwen 2.5: <|im_end|> and
+    <|endoftext|>), besides the tokenizer's own EOS."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = listed if isinstance(listed, (list, tuple)) else [listed]
+    return list(dict.fromkeys(i for i in (*listed, tokenizer.eos_token_id) if i is not None))
+
+
+def until_stop(ids: list[int], stops: list[int]) -> list[int]:
+    """An answer's ids up to its first stop id (a stop id need not be a special token that decoding skips;
+    what follows it in a batch is padding)."""
+    for i, token in enumerate(ids):
+        if token in stops:
+            return ids[:i]
+    return ids
 
 
 def complete(model, tokenizer, prompt, sampling: Sampling, device) -> str:

@@ -24,7 +24,7 @@ try:
         roc_auc_score,
     )
 except ImportError:  # an optional dependency: training never needs it
-    raise QbcoError("qbco eval needs scikit-learn: pip install 'qbco[eval]'") from None
+    raise QbcoError("qbco eval needs scikit-learn, a dependency of qbco: pip install scikit-learn") from None
 
 from qbco.loss import bco_loss, dpo_loss, implicit_rewards
 

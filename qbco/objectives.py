@@ -51,6 +51,9 @@ class Objective:
     shifts = False  # reads the reward shift delta, which the loop updates once after every step
     needs_mismatched = False  # KTO: the micro-batch carries mismatched-pair log-probs
     logged: tuple[str, ...] = ()  # fields of its LossOutput that a step's line in metrics.jsonl carries (window means)
+    # The config settings, beyond those every loss reads, that this one reads; giving another loss's setting
+    # is an error (config.check_settings_used), never a silent no-op.
+    settings: frozenset[str] = frozenset({"balance"})
 
     def __init__(self, config, rows: list[Example]):
         self.data = config.data
@@ -59,6 +62,11 @@ class Objective:
         self.seed = config.seed
         self.sft_weight = config.sft_weight
         self.share_up = sum(e.label for e in rows) / len(rows)
+
+    @classmethod
+    def unused_settings(cls) -> list[str]:
+        """The settings some other loss reads and this one does not."""
+        return sorted(set().union(*(o.settings for o in OBJECTIVES.values())) - cls.settings)
 
     def units(self, rows: list[Example]) -> list[tuple[int, ...]]:
         """The step order's units: every row once; --balance oversample repeats randomly drawn minority-class
@@ -108,6 +116,7 @@ class BCO(Objective):
     """arXiv 2404.04656: per-class means of -log sigmoid(+-(r - delta)), delta the reward shift (loss.bco_loss)."""
 
     shifts = True
+    settings = frozenset({"balance", "ema_decay", "allow_one_class"})
 
     def __init__(self, config, rows: list[Example]):
         super().__init__(config, rows)
@@ -155,6 +164,7 @@ class DPO(Objective):
     """arXiv 2305.18290 (loss.dpo_loss) on every (thumbs-up, thumbs-down) pair of rows sharing a prompt."""
 
     pairs = True
+    settings = frozenset()  # --balance: every pair holds one row of each class already
 
     def units(self, rows: list[Example]) -> list[tuple[int, ...]]:
         pairs = prompt_pairs([e.prompt_key for e in rows], [e.label for e in rows])

@@ -16,7 +16,7 @@ def _figure(width: float, height: float):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:  # an optional dependency: training never needs it
-        raise QbcoError("qbco plot and qbco eval draw with matplotlib: pip install 'qbco[eval]'") from None
+        raise QbcoError("qbco plot and qbco eval draw with matplotlib, a dependency of qbco: pip install matplotlib") from None
 
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)

@@ -1,10 +1,12 @@
 """Everything a training run needs before its first step, in the order that keeps a user's mistakes cheap:
 every check of their input before anything is written or loaded that takes long, then the model, the run
-folder, the reference log-probs (one pass, cached on disk), the optimizer and, on --resume, the state to
-continue from. `prepare_run` returns it all as one `Run`, which the loop in qbco/train.py steps through."""
+folder, the reference log-probs (one pass, cached on disk in parts), the optimizer and, on --resume, the state
+to continue from, once the inputs are known to be those the checkpoint recorded and the flags to be those a
+resume may change. `prepare_run` returns it all as one `Run`, which the loop in qbco/train.py steps through."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -13,14 +15,32 @@ from typing import Iterator
 
 import torch
 
-from qbco.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
-from qbco.config import TrainConfig, load_run_config, save_config
-from qbco.data import Encoded, encode_all, epoch_order, load_feedback
-from qbco.errors import QbcoError
+from qbco.checkpoint import (
+    check_inputs,
+    checkpoint_dirs,
+    data_fingerprint,
+    load_checkpoint,
+    model_fingerprint,
+    remove_leftovers,
+    save_checkpoint,
+    saved_inputs,
+)
+from qbco.config import (
+    RESUME_OVERRIDES,
+    TrainConfig,
+    changed_settings,
+    config_notes,
+    load_run_config,
+    resume_overrides_help,
+    save_config,
+)
+from qbco.data import Encoded, check_data_source, encode_all, epoch_order, load_feedback
+from qbco.errors import QbcoError, TrainingStopped
 from qbco.logprobs import reference_logps
-from qbco.models import compute_dtype, default_device, load_policy, resolve_model
+from qbco.models import apply_checkpointing, cache_dir, compute_dtype, default_device, load_policy, resolve_model
 from qbco.objectives import Objective, build_objective
-from qbco.refcache import cache_key
+from qbco.progress import Wait
+from qbco.refcache import ReferenceInterrupted, cache_key
 from qbco.run_folder import check_run_folder, default_output
 from qbco.run_log import keep_steps
 from qbco.shift import RewardShift
@@ -46,9 +66,15 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     windows: Iterator[list[list[int]]]  # every optimizer step's rows, cut into micro-batches
+    scaler: torch.amp.GradScaler | None = field(init=False, default=None)  # fp16 only: see loss_scaler
     start_step: int = 0  # the step a resumed run continues after
     elapsed_before: float = 0.0  # training seconds before the resume
     started: float = field(default_factory=time.perf_counter)
+    inputs: dict = field(default_factory=dict)  # the fingerprint every checkpoint records (checkpoint.py)
+    checkpointing: object = None  # qbco.memory.Plan: the layers checkpointed, the budget, the estimate
+
+    def __post_init__(self):
+        self.scaler = loss_scaler(compute_dtype(self.config.dtype, self.device), self.device)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -58,19 +84,32 @@ class Run:
         """Training seconds of the whole run, across resumes."""
         return self.elapsed_before + time.perf_counter() - self.started
 
-    def checkpoint(self, step: int) -> Path:
+    def checkpoint(self, step: int, rng: dict | None = None) -> Path:
+        """RUN/checkpoints/step-N; `rng`: the RNG state to record when it is not now's (a failed step's)."""
         return save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, step, self.elapsed(),
-                               self.shift.state_dict(), self.config.keep)
+                               self.shift.state_dict(), self.config.keep, self.inputs, rng, self.scaler)
 
 
-def prepare_run(config: TrainConfig, log=print, resume: str | Path | None = None, overwrite: bool = False) -> Run:
-    """The run `config` describes, or the run at `resume` (with its own config.yaml) ready to continue."""
-    config, out = run_folder(config, resume, overwrite)
-    resolve_model(config.model)  # an unknown name fails here, before anything is loaded or written
+def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None = None, overwrite: bool = False,
+                progress=None) -> Run:
+    """The run `config` describes, or the run at `resume` ready to continue: with its own config.yaml, but for
+    the settings config.RESUME_OVERRIDES lets a resume change (`config` carries them; None changes nothing).
+    `progress` (the CLI's rich Progress, or None) shows the reference pass."""
+    config, out, changes = run_folder(config, resume, overwrite)
+    since = checkpoint_dirs(out)[-1] if resume is not None and checkpoint_dirs(out) else None
+    saved = saved_inputs(since) if since else {}
+    check_data_source(config.data)  # a typo fails here, before a model is converted or loaded
+    resolve_model(config.model, log)  # an unknown name fails here, before anything is loaded or written
     # Everything that can fail on the user's input fails before the run folder is touched.
     train_examples, eval_examples = load_feedback(config.data, config.eval_fraction, config.seed)
+    inputs = data_fingerprint(train_examples, eval_examples)
+    check_inputs(out, since, saved, inputs)  # before the model loads: an edited file is refused at once
     objective = build_objective(config, train_examples)
     units = objective.units(train_examples)
+    steps_per_epoch, total_steps = step_counts(config, len(units))
+    if since is not None and checkpoint_step(since) > total_steps:
+        raise QbcoError(f"--resume {out}: the run is at step {checkpoint_step(since)}, past the {total_steps} steps "
+                        "that --max-steps / --epochs now allow; give more")
     device = default_device()
     log_memory_estimate(config, device, log)
 
@@ -78,56 +117,96 @@ def prepare_run(config: TrainConfig, log=print, resume: str | Path | None = None
     tokenizer, model, base_path = load_policy(config, device)
     train_rows, eval_rows = (encode_all(e, tokenizer, config.max_prompt_length, config.max_completion_length)
                              for e in (train_examples, eval_examples))
+    dtype = compute_dtype(config.dtype, device)
+    inputs |= model_fingerprint(train_rows, eval_rows, base_path, config.load_in_4bit, dtype)
+    check_inputs(out, since, saved, inputs)
     describe_data(train_rows, eval_rows, log)
+    checkpointing = apply_checkpointing(model, config, train_rows + eval_rows, device)  # k from the longest rows
+    if checkpointing is not None:
+        log(checkpointing.estimate.line(config, checkpointing.every_n, checkpointing.budget))
     if resume is None:
         publish(out, config)
 
-    started = time.perf_counter()
-    dtype = compute_dtype(config.dtype, device)
-    ref_train, ref_eval = (
-        reference_logps(model, rows, config.batch_size, tokenizer.pad_token_id, device, config.logprob_chunk,
-                        cache_key(base_path, config.load_in_4bit, dtype, device, rows))
-        for rows in (train_rows, eval_rows)
-    )
-    log(f"reference log-probs: {len(train_rows) + len(eval_rows)} rows in {time.perf_counter() - started:.1f}s "
-        "(one pass, cached on disk)")
-
+    ref_train, ref_eval = reference_pass(model, tokenizer, train_rows, eval_rows, config, base_path, dtype, device, out,
+                                         since, log, progress)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, len(units) // (config.batch_size * config.grad_accum))  # partial windows dropped
-    total_steps = math.ceil(config.epochs * steps_per_epoch)
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
     run = Run(config, out, device, tokenizer, model, objective, train_rows, eval_rows, ref_train, ref_eval,
               optimizer, schedule(optimizer, config.warmup_ratio, total_steps), RewardShift(config.ema_decay),
-              steps_per_epoch, total_steps, step_windows(units, config))
+              steps_per_epoch, total_steps, step_windows(units, config), inputs=inputs, checkpointing=checkpointing)
     if resume is not None:
-        restore(run, log)
+        restore(run, since, changes, log)
     return run
 
 
-def run_folder(config: TrainConfig, resume, overwrite: bool) -> tuple[TrainConfig, Path]:
-    """(config, run folder): a new run's folder, checked; or a run to resume, with the config it was started with."""
+def run_folder(config: TrainConfig | None, resume, overwrite: bool) -> tuple[TrainConfig, Path, dict]:
+    """(config, run folder, settings changed on resume): a new run's folder, checked; or a run to resume, with
+    the config it was started with and the overrides `config` brings (only config.RESUME_OVERRIDES)."""
     if resume is None:
         out = Path(config.output) if config.output else default_output(config)
-        check_run_folder(out, overwrite)
-        return config, out
+        check_run_folder(out, overwrite, config)
+        return config, out, {}
     out = Path(resume)
+    if overwrite:
+        raise QbcoError(f"--overwrite has no effect with --resume: --resume continues {out}, --overwrite would replace "
+                        "it; drop one")
     if not (out / "config.yaml").is_file():
         raise QbcoError(f"--resume {out}: no qbco run there (config.yaml missing)")
-    if not checkpoint_dirs(out):
-        raise QbcoError(f"--resume {out}: the run has no complete checkpoint to continue from; start it again")
-    return load_run_config(out / "config.yaml"), out
+    saved = load_run_config(out / "config.yaml")
+    changes = changed_settings(saved, config) if config is not None else {}
+    fixed = [k for k in changes if k not in RESUME_OVERRIDES]
+    if fixed:
+        name = fixed[0]
+        raise QbcoError(f"--resume continues a run with its own config.yaml; --{name.replace('_', '-')} cannot change "
+                        f"({changes[name][0]!r} there, {changes[name][1]!r} given; flags allowed with --resume: "
+                        f"{resume_overrides_help()})")
+    return (config if changes else saved), out, changes
+
+
+def step_counts(config: TrainConfig, units: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps of the run): partial windows are dropped; --max-steps caps the total."""
+    per_epoch = max(1, units // (config.batch_size * config.grad_accum))
+    total = math.ceil(config.epochs * per_epoch)
+    return per_epoch, total if config.max_steps is None else min(total, config.max_steps)
+
+
+def checkpoint_step(folder: Path) -> int:
+    return json.loads((folder / "state.json").read_text())["step"]
 
 
 def publish(out: Path, config: TrainConfig) -> None:
-    """The run folder, with the resolved config; one already there holds a run that --overwrite replaces."""
+    """The run folder, with the resolved config; one already there holds a run that --overwrite replaces (or
+    the same run, never started, that the same command starts again)."""
     import shutil
 
     if out.exists():
-        shutil.rmtree(out)  # check_run_folder let only an empty folder or a run with --overwrite through
+        shutil.rmtree(out)  # check_run_folder let only an empty folder, a run with --overwrite or a never-started one through
     out.mkdir(parents=True)
     save_config(config, out / "config.yaml")
+
+
+def reference_pass(model, tokenizer, train_rows, eval_rows, config, base_path, dtype, device, out, since, log, progress=None):
+    """The reference log-probs of the training and held-out rows (one pass each, cached on disk in parts), on
+    one progress bar. Ctrl-C keeps the finished part in the cache and stops with a message that says so and how
+    to go on (`since`: the checkpoint a resumed run continues from, which stays as it was)."""
+    started, done, values = time.perf_counter(), 0, []
+    wait = Wait(progress, "reference log-probs", len(train_rows) + len(eval_rows))
+    for rows in (train_rows, eval_rows):
+        key = cache_key(base_path, config.load_in_4bit, dtype, device, rows)
+        try:
+            values.append(reference_logps(model, rows, config.batch_size, tokenizer.pad_token_id, device,
+                                          config.logprob_chunk, key, wait.after(done)))
+        except ReferenceInterrupted as cut:
+            total = len(train_rows) + len(eval_rows)
+            raise TrainingStopped(
+                f"interrupted in the reference pass: the reference log-probs of {done + cut.done} of {total} rows are "
+                f"kept in {cache_dir() / 'reference'}; "
+                + (f"the run's checkpoint {since.name} is as it was. Continue with: qbco train --resume {out}" if since else
+                   f"the run has no checkpoint yet. Run the same command again, or qbco train --resume {out}, to continue "
+                   "from them"), exit_code=130) from None
+        done += len(rows)
+    log(f"reference log-probs: {done} rows in {time.perf_counter() - started:.1f}s (one pass, cached on disk)")
+    return values
 
 
 def describe_data(train_rows: list[Encoded], eval_rows: list[Encoded], log) -> None:
@@ -136,7 +215,8 @@ def describe_data(train_rows: list[Encoded], eval_rows: list[Encoded], log) -> N
     cut_p = sum(e.prompt_cut for e in train_rows + eval_rows)
     cut_c = sum(e.completion_cut for e in train_rows + eval_rows)
     if cut_p or cut_c:
-        log(f"truncated: {cut_p} prompts (from the left), {cut_c} completions (from the right)")
+        log(f"truncated: {cut_p} prompts (from their earliest turns; the template's head and the final turn kept), "
+            f"{cut_c} completions (from the right)")
 
 
 def log_memory_estimate(config: TrainConfig, device, log) -> None:
@@ -150,6 +230,13 @@ def log_memory_estimate(config: TrainConfig, device, log) -> None:
         log(estimate(hf_config, config, compute_dtype(config.dtype, device).itemsize).line(config))
     except (OSError, AttributeError, TypeError):  # no config reachable, or not a llama-style decoder: no estimate
         pass
+
+
+def loss_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 training always gets a loss scaler: the loss is multiplied up before backward so that small
+    gradients do not flush to zero in fp16's narrow range, and a step whose gradients overflowed is skipped and
+    the scale lowered (the loop logs it). bf16 has fp32's range and fp32 needs none."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
 def schedule(optimizer, warmup_ratio: float, total_steps: int):
@@ -176,14 +263,35 @@ def step_windows(units: list[tuple[int, ...]], config: TrainConfig) -> Iterator[
         epoch += 1
 
 
-def restore(run: Run, log) -> None:
-    """Continue from the run's last checkpoint: weights, optimizer, scheduler, RNG and reward shift restored,
-    the data order advanced past the steps done (it is a pure function of (seed, epoch)), and the metrics
-    log cut back to the checkpoint's step."""
-    state = load_checkpoint(checkpoint_dirs(run.out)[-1], run.model, run.optimizer, run.scheduler)
-    run.start_step, run.elapsed_before = state["step"], state["elapsed_s"]
-    run.shift.load_state_dict(state["shift"])
+def restore(run: Run, since: Path | None, changes: dict, log) -> None:
+    """Continue from the run's last checkpoint (`since`; None: the run had none, so it starts at step 0):
+    weights, optimizer, scheduler, RNG and reward shift restored, the data order advanced past the steps done
+    (it is a pure function of (seed, epoch)), the metrics log cut back to the checkpoint's step, and each
+    override recorded in config.yaml."""
+    remove_leftovers(run.out)
+    if since is not None:
+        state = load_checkpoint(since, run.model, run.optimizer, run.scheduler, run.scaler)
+        run.start_step, run.elapsed_before = state["step"], state["elapsed_s"]
+        run.shift.load_state_dict(state["shift"])
+        if changes.keys() & {"lr", "max_steps", "epochs"}:
+            reschedule(run.optimizer, run.scheduler, run.config.lr)
     for _ in range(run.start_step):
         next(run.windows)
     keep_steps(run.out / "metrics.jsonl", run.start_step)
-    log(f"resumed {run.out} at step {run.start_step} of {run.total_steps}")
+    said = ""
+    if changes:
+        said = ", ".join(f"{k} {new!r} (was {old!r})" for k, (old, new) in changes.items())
+        path = run.out / "config.yaml"
+        save_config(run.config, path, config_notes(path) + [f"--resume at step {run.start_step}: {said}"])
+        said = f"; changed: {said}"
+    log(f"resumed {run.out} at step {run.start_step} of {run.total_steps}{said}")
+
+
+def reschedule(optimizer, scheduler, lr: float) -> None:
+    """A new peak learning rate, or a new number of steps, from the restored step on: the schedule's base and
+    the learning rate of the next step follow (LambdaLR keeps neither in a form that would)."""
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -1,6 +1,7 @@
 """The one reader of feedback files: .jsonl, .json (a list of rows, or {"data": [...]}), .csv, .tsv and
-.parquet. `qbco train`, `binarize`, `eval` and `generate` all read through `iter_rows`, so a file is read
-the same way, with the same checks and the same one-line errors, whichever command reads it.
+.parquet, the text ones also gzipped (.jsonl.gz is how HelpSteer2 is stored on the hub). `qbco train`,
+`binarize`, `eval` and `generate` all read through `iter_rows`, so a file is read the same way, with the
+same checks and the same one-line errors, whichever command reads it.
 
 Rows stream one at a time: memory is one row (one read chunk for JSON, one record batch for parquet), not
 the file, which `qbco binarize` relies on for files larger than memory.
@@ -9,6 +10,7 @@ the file, which `qbco binarize` relies on for files larger than memory.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -27,11 +29,19 @@ def detect_format(path: Path, fmt: str | None = None) -> str:
         if fmt not in FORMATS:
             raise QbcoError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
         return fmt
-    suffix = Path(path).suffix.lower().lstrip(".")
-    if suffix in FORMATS:
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    suffix = (suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) > 1 else suffixes[-1] if suffixes else "").lstrip(".")
+    if suffix in FORMATS and not (suffix == "parquet" and suffixes[-1] == ".gz"):
         return suffix
     raise QbcoError(f"{path}: cannot tell the format from '{Path(path).suffix}'; use a .jsonl, .json, .csv, .tsv "
-                    "or .parquet file (qbco binarize also takes --format)")
+                    "or .parquet file, the text ones also as .gz (qbco binarize also takes --format)")
+
+
+def _open_text(path: Path, **kwargs):
+    """The file as text; a .gz file decompressed as it is read."""
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", **kwargs)
+    return open(path, **kwargs)
 
 
 def iter_rows(path: str | Path, fmt: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -48,8 +58,8 @@ def iter_rows(path: str | Path, fmt: str | None = None) -> Iterator[tuple[int, d
             yield from {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet}[fmt](path)
     except UnicodeDecodeError as err:
         raise QbcoError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8 and run again") from None
-    except OSError as err:
-        raise QbcoError(f"{path}: cannot read ({err})") from None
+    except (OSError, EOFError) as err:  # EOFError: a truncated .gz
+        raise QbcoError(f"{path}: cannot read ({err or type(err).__name__})") from None
 
 
 def read_rows(path: str | Path, fmt: str | None = None) -> list[dict[str, Any]]:
@@ -61,7 +71,7 @@ def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str,
     # One long response can pass the csv module's 128 KiB field limit; raise it (process-wide, harmless).
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     # utf-8-sig drops a BOM; newline="" lets csv handle CRLF and newlines inside quoted fields.
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with _open_text(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
         if header is None:
@@ -84,7 +94,7 @@ def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str,
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig") as f:
+    with _open_text(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -150,7 +160,7 @@ class _JsonStream:
 def _read_json(path: Path, chunk_chars: int = 1 << 20) -> Iterator[tuple[int, dict[str, Any]]]:
     """Elements of a JSON list of rows, or of the "data" list of a top-level object (the shape some hub
     exports use), decoded one at a time."""
-    with open(path, encoding="utf-8-sig") as f:
+    with _open_text(path, encoding="utf-8-sig") as f:
         s = _JsonStream(f, path, chunk_chars)
         first = s.peek()
         if first == "{":

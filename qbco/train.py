@@ -15,24 +15,19 @@ from pathlib import Path
 
 import torch
 
+from qbco.checkpoint import rng_state
 from qbco.config import TrainConfig
 from qbco.data import Encoded, collate
+from qbco.errors import TrainingStopped
 from qbco.logprobs import completion_logps, dataset_logps
 from qbco.loss import bco_loss, implicit_rewards
+from qbco.memory import out_of_memory_message
 from qbco.models import reference
 from qbco.objectives import MicroBatch
 from qbco.prepare import Run, prepare_run
+from qbco.progress import Wait
 from qbco.run_folder import save_adapter
 from qbco.run_log import MetricsWriter
-
-
-class TrainingStopped(Exception):
-    """Training stopped before its last step (a signal, or a non-finite loss); a checkpoint was kept.
-    `exit_code` is what the CLI exits with."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -44,11 +39,12 @@ class RunResult:
     final_loss: float | None
     peak_memory_mb: float
     eval: dict = field(default_factory=dict)
+    checkpointing: object = None  # qbco.memory.Plan
 
 
 def train(config: TrainConfig, progress=None, log=print, resume: str | Path | None = None, overwrite: bool = False) -> RunResult:
     """Run one training run as `config` says, or continue the run at `resume`; returns what the summary shows."""
-    run = prepare_run(config, log, resume, overwrite)
+    run = prepare_run(config, log, resume, overwrite, progress)
     config, out, loss, tokens = run.config, run.out, None, 0
     task = progress.add_task("training", total=run.total_steps, completed=run.start_step, loss=float("nan"),
                              delta=run.shift.delta, tps=0.0) if progress else None
@@ -57,14 +53,19 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
         for step in range(run.start_step + 1, run.total_steps + 1):
             step_start = time.perf_counter()
             window = next(run.windows)
+            rng = rng_state()  # dropout's draws in a step that fails must not count: they are drawn again
             try:
                 figures = optimizer_step(run, window)
-            except NonFinite as bad:  # nothing was updated: the weights before this step are the last good ones
-                raise TrainingStopped(bad.message(run, step, window, kept=run.checkpoint(step - 1)), exit_code=3) from None
+            except NonFinite as bad:  # nothing was updated: the state before this step is the last good one
+                raise TrainingStopped(bad.message(run, step, window, kept=run.checkpoint(step - 1, rng)), exit_code=3) from None
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+                raise out_of_memory(err, run, step) from None
             seconds = time.perf_counter() - step_start
             loss, tokens = figures["loss"], tokens + figures["tokens"]
             metrics.write({"step": step, "epoch": round(step / run.steps_per_epoch, 4), **figures,
                            "tokens_per_s": figures["tokens"] / seconds, "elapsed_s": run.elapsed()})
+            if figures["skipped"]:
+                log(f"step {step}: fp16 gradients overflowed; step skipped, loss scale lowered to {figures['loss_scale']:g}")
             if progress:
                 progress.update(task, advance=1, loss=loss, delta=figures["delta"], tps=figures["tokens"] / seconds)
             if step % config.save_every == 0 or step == run.total_steps or signals.requested:
@@ -73,38 +74,52 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
                 raise TrainingStopped(f"{signals.requested} at step {step} of {run.total_steps}: checkpoint written to "
                                       f"{kept}. Continue with: qbco train --resume {out}", exit_code=130)
         elapsed = run.elapsed()
-        held_out = held_out_figures(run)
+        held_out = held_out_figures(run, progress)
         if held_out:
             metrics.write({"split": "eval", "step": run.total_steps, "delta": run.shift.delta, **held_out})
     save_adapter(run.model, run.tokenizer, out / "adapter", run.shift)
     return RunResult(output=out, steps=run.total_steps, elapsed_s=elapsed,
                      tokens_per_s=tokens / (time.perf_counter() - run.started) if tokens else 0.0,
-                     final_loss=loss, peak_memory_mb=peak_memory_mb(run.device), eval=held_out)
+                     final_loss=loss, peak_memory_mb=peak_memory_mb(run.device), eval=held_out,
+                     checkpointing=run.checkpointing)
 
 
 def optimizer_step(run: Run, window: list[list[int]]) -> dict:
     """One optimizer step over a window of micro-batches: each one's loss against the window's frozen
     denominators and delta, backward; clip, step; then the reward shift's one update from every reward of the
     window (docs/pitfalls.md, 1). Returns the step's figures; raises NonFinite, with nothing updated, when the
-    loss or the gradient norm is not finite."""
+    loss or the gradient norm is not finite. In fp16 the loss is scaled for backward; a step whose gradients
+    overflowed is skipped (nothing updated, `skipped` true) and the scaler lowers its scale."""
     labels = torch.tensor([run.train_rows[i].label for rows in window for i in rows])
     frozen = run.objective.window(labels, run.shift.delta)
+    scaler = run.scaler  # fp16 only
     loss, outputs = 0.0, []
     for rows in window:
         out = run.objective.loss(micro_batch(run, rows), frozen)
-        out.loss.backward()
+        (scaler.scale(out.loss) if scaler else out.loss).backward()
         loss += out.loss.item()
         outputs.append(out)
+    if scaler:
+        scaler.unscale_(run.optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, run.config.max_grad_norm))
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    # Under a loss scaler, overflowed gradients of a finite loss are the scaler's to handle (it skips the step).
+    if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaler):
         run.optimizer.zero_grad(set_to_none=True)
         raise NonFinite("loss" if not math.isfinite(loss) else "gradient norm")
     lr = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
-    run.scheduler.step()
+    skipped = False
+    if scaler:
+        scale = scaler.get_scale()
+        scaler.step(run.optimizer)  # no update when unscale_ found inf gradients
+        scaler.update()
+        skipped = scaler.get_scale() < scale
+    else:
+        run.optimizer.step()
+    if not skipped:  # a skipped step moves neither the schedule nor the reward shift
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     rewards = torch.cat([o.rewards.cpu() for o in outputs])
-    if run.objective.shifts:
+    if run.objective.shifts and not skipped:
         run.shift.update(rewards, labels)
     return {
         "loss": loss,
@@ -112,8 +127,10 @@ def optimizer_step(run: Run, window: list[list[int]]) -> dict:
         "reward_up": float(rewards[labels].mean()) if labels.any() else None,
         "reward_down": float(rewards[~labels].mean()) if (~labels).any() else None,
         "lr": lr,
-        "grad_norm": grad_norm,
+        "grad_norm": None if skipped else grad_norm,
         "tokens": sum(len(run.train_rows[i]) for rows in window for i in rows),
+        "skipped": skipped,
+        **({"loss_scale": scaler.get_scale()} if scaler else {}),
         **run.objective.record(outputs),
     }
 
@@ -143,19 +160,28 @@ def mismatched_logps(run: Run, rows: list[int]) -> tuple[torch.Tensor, torch.Ten
     return policy, ref
 
 
-def held_out_figures(run: Run) -> dict:
+def held_out_figures(run: Run, progress=None) -> dict:
     """eval_loss (BCO with the final delta, per-class means) and the share of held-out rows classified right
     by sign(r - delta); delta is 0 for an objective that never shifts. Empty without held-out rows."""
     if not run.eval_rows:
         return {}
     c = run.config
-    policy = dataset_logps(run.model, run.eval_rows, c.batch_size, run.tokenizer.pad_token_id, run.device, c.logprob_chunk)
+    policy = dataset_logps(run.model, run.eval_rows, c.batch_size, run.tokenizer.pad_token_id, run.device, c.logprob_chunk,
+                           Wait(progress, "held-out evaluation", len(run.eval_rows)))
     rewards = implicit_rewards(policy, run.ref_eval, c.beta)
     labels = torch.tensor([e.label for e in run.eval_rows])
     delta = run.shift.delta
     loss = bco_loss(rewards, torch.zeros_like(rewards), labels, delta, beta=1.0).loss
     correct = ((rewards - delta) > 0) == labels
     return {"eval_loss": float(loss), "eval_reward_accuracy": float(correct.float().mean()), "eval_rows": len(labels)}
+
+
+def out_of_memory(err: BaseException, run: Run, step: int) -> TrainingStopped:
+    """A step that ran out of memory stops with the flag to change (docs/pitfalls.md, 11), not a traceback;
+    any other RuntimeError goes on as it was."""
+    if isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+        raise err
+    return TrainingStopped(out_of_memory_message(run.checkpointing, run.config, f"in step {step}"), exit_code=4)
 
 
 class NonFinite(Exception):
@@ -167,8 +193,9 @@ class NonFinite(Exception):
 
     def message(self, run: Run, step: int, window: list[list[int]], kept: Path) -> str:
         sources = ", ".join(run.train_rows[i].source for rows in window for i in rows)
+        fp16 = "; in fp16 activations overflow sooner: --dtype fp32 (or bf16 where the GPU has it) avoids that" if run.scaler else ""
         return (f"step {step}: the {self.what} is not finite; stopped and kept the last good state in {kept}. "
-                f"Try a lower --lr (now {run.config.lr:g}) or check the rows of this batch: {sources}")
+                f"Try a lower --lr (now {run.config.lr:g}) or check the rows of this batch: {sources}{fp16}")
 
 
 def peak_memory_mb(device: torch.device) -> float:

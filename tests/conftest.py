@@ -124,3 +124,42 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
                           lr=1e-2, beta=0.5, max_steps=4, batch_size=8, max_prompt_length=32, max_completion_length=16)
     return train(config, log=lambda message: None).output
 
+
+
+# HelpSteer2 rows as nvidia/HelpSteer2 stores them (train.jsonl.gz; its dataset card): a multi-turn prompt holds
+# the earlier turns, each later one opened by a "<extra_id_1>Assistant" or "<extra_id_1>User" line, and the
+# response answers the last user turn; the two responses of a prompt are consecutive rows.
+HS2_CAT = ("What is a good name for a cat?\n<extra_id_1>Assistant\nWhiskers is a classic choice.\n"
+           "<extra_id_1>User\nSomething less common, please.")
+HS2_TRIP = ("Plan a day in Lisbon.\n<extra_id_1>Assistant\nMorning: Belem. Afternoon: Alfama.\n<extra_id_1>User\n"
+            "Add lunch.\n<extra_id_1>Assistant\nLunch at Time Out Market.\n<extra_id_1>User\nAnd a rainy-day plan?")
+HS2_MULTI_TURN = [
+    # prompt, response, helpfulness, correctness, coherence, complexity, verbosity
+    (HS2_CAT, "How about Marzipan?", 4, 4, 4, 1, 1),
+    (HS2_CAT, "Cat.", 1, 1, 3, 0, 0),
+    ("c#", "C# is a high-level, object-oriented programming language developed by Microsoft.", 3, 4, 4, 2, 1),
+    ("c#", "A musical note.", 3, 2, 4, 1, 0),
+    (HS2_TRIP, "Visit the Gulbenkian museum.", 2, 3, 3, 1, 1),
+    (HS2_TRIP, "The Oceanarium and the Gulbenkian, then fado in the evening.", 3, 4, 4, 2, 2),
+    ("Hi\n<extra_id_1>Assistant\n", "Hello!", 2, 2, 2, 0, 0),  # ends on an assistant marker: no user turn answered
+]
+HS2_COLUMNS = ["prompt", "response", "helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+# The same prompts as chat messages, written out by hand.
+HS2_CAT_MESSAGES = [{"role": "user", "content": "What is a good name for a cat?"},
+                    {"role": "assistant", "content": "Whiskers is a classic choice."},
+                    {"role": "user", "content": "Something less common, please."}]
+HS2_TRIP_MESSAGES = [{"role": "user", "content": "Plan a day in Lisbon."},
+                     {"role": "assistant", "content": "Morning: Belem. Afternoon: Alfama."},
+                     {"role": "user", "content": "Add lunch."},
+                     {"role": "assistant", "content": "Lunch at Time Out Market."},
+                     {"role": "user", "content": "And a rainy-day plan?"}]
+
+
+def write_hs2_jsonl_gz(path: Path, rows=HS2_MULTI_TURN) -> Path:
+    """The rows as the hub's train.jsonl.gz: one JSON object a line, gzipped."""
+    import gzip
+
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(dict(zip(HS2_COLUMNS, row))) + "\n")
+    return path

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import CHAT_TEMPLATE, HS2_CAT_MESSAGES, HS2_TRIP_MESSAGES, make_tokenizer, write_hs2_jsonl_gz
 
 from qbco.binarize import Options, binarize, parse_scale, summary_path
 from qbco.errors import QbcoError
@@ -210,6 +211,73 @@ def test_conversational_prompts_stay_lists(tmp_path):
     binarize(src, tmp_path / "out.jsonl")
     out = read_jsonl(tmp_path / "out.jsonl")
     assert [(r["prompt"], r["completion"], r["label"]) for r in out] == [(chat, "Hello!", True), (chat, "Go away.", False)]
+
+
+def test_helpsteer2_multi_turn_prompts_become_chat_messages(tmp_path):
+    """HelpSteer2's train.jsonl.gz as the hub stores it: the earlier turns of a multi-turn prompt, split at
+    their <extra_id_1> lines, become user/assistant messages ending with the user turn the response answers,
+    so the model never sees the markers."""
+    src = write_hs2_jsonl_gz(tmp_path / "train.jsonl.gz")
+    summary = binarize(src, tmp_path / "hs2.jsonl")
+    rows = read_jsonl(tmp_path / "hs2.jsonl")
+    assert [(r["prompt"], r["completion"], r["label"], r["source"]) for r in rows] == [
+        (HS2_CAT_MESSAGES, "How about Marzipan?", True, "train.jsonl.gz:1"),
+        (HS2_CAT_MESSAGES, "Cat.", False, "train.jsonl.gz:2"),
+        ("c#", "C# is a high-level, object-oriented programming language developed by Microsoft.", False, "train.jsonl.gz:3"),
+        ("c#", "A musical note.", False, "train.jsonl.gz:4"),
+        (HS2_TRIP_MESSAGES, "Visit the Gulbenkian museum.", False, "train.jsonl.gz:5"),
+        (HS2_TRIP_MESSAGES, "The Oceanarium and the Gulbenkian, then fado in the evening.", False, "train.jsonl.gz:6"),
+    ]
+    # Row 7 ends on an assistant marker: no user turn for its response to answer.
+    assert summary.dropped == {"malformed messages": 1}
+    assert (summary.prompts, summary.multi_turn_prompts) == (3, 2)
+    assert json.loads(summary_path(tmp_path / "hs2.jsonl").read_text())["multi_turn_prompts"] == 2
+
+    # What the model is shown: the conversation through the chat template, no marker left.
+    from qbco.data import prompt_text
+
+    tok = make_tokenizer([])
+    tok.chat_template = CHAT_TEMPLATE
+    text, templated = prompt_text(rows[0]["prompt"], tok)
+    assert templated and "<extra_id_1>" not in text
+    assert text == ("user : What is a good name for a cat? assistant : Whiskers is a classic choice. "
+                    "user : Something less common, please. assistant :")
+
+
+def test_pairs_from_scores_on_a_local_helpsteer2_copy_as_it_is(tmp_path):
+    """The hub's file, unchanged: consecutive rows share a (multi-turn) prompt; the better-scored response of
+    each prompt is thumbs-up, the worse thumbs-down, ties dropped; the CLI's summary counts the multi-turn
+    prompts."""
+    from typer.testing import CliRunner
+
+    from qbco.cli import app
+
+    src = write_hs2_jsonl_gz(tmp_path / "train.jsonl.gz")
+    result = CliRunner().invoke(app, ["binarize", str(src), "-o", str(tmp_path / "pairs.jsonl"), "--pairs-from-scores"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(tmp_path / "pairs.jsonl")
+    # Hand count: the cat prompt 4 > 1, the Lisbon prompt 3 > 2; "c#" is a tie (3, 3).
+    assert [(r["source"], r["label"]) for r in rows] == [
+        ("train.jsonl.gz:1", True), ("train.jsonl.gz:2", False), ("train.jsonl.gz:5", False), ("train.jsonl.gz:6", True)]
+    assert [r["prompt"] for r in rows] == [HS2_CAT_MESSAGES, HS2_CAT_MESSAGES, HS2_TRIP_MESSAGES, HS2_TRIP_MESSAGES]
+    summary = json.loads((tmp_path / "pairs.summary.json").read_text())
+    assert summary["dropped"] == {"tied scores": 2, "malformed messages": 1}
+    assert (summary["prompts"], summary["multi_turn_prompts"]) == (2, 2)
+    assert "2 (2 multi-turn)" in result.output
+
+
+@pytest.mark.parametrize("prompt", [
+    "<extra_id_1>Assistant\nHello there.\n<extra_id_1>User\nHi",  # opens with the assistant
+    "One\n<extra_id_1>User\nTwo",  # two user turns in a row
+    "One\n<extra_id_1>Assistant\n\n<extra_id_1>User\nThree",  # an empty turn
+])
+def test_turns_that_do_not_alternate_are_counted_as_malformed(tmp_path, prompt):
+    src = tmp_path / "hs.jsonl"
+    src.write_text(json.dumps({"prompt": prompt, "response": "ok", "helpfulness": 4}) + "\n"
+                   + json.dumps({"prompt": "plain", "response": "ok", "helpfulness": 4}) + "\n", encoding="utf-8")
+    summary = binarize(src, tmp_path / "out.jsonl")
+    assert summary.dropped == {"malformed messages": 1} and summary.rows_written == 1
 
 
 # ---------------------------------------------------------------- pairs

@@ -114,7 +114,7 @@ def test_eval_on_a_file_with_slices(bco_run, data_file):
     """--data FILE scores every row of it; --slice-by task gives every figure per task, and the slices add up."""
     result = invoke("eval", bco_run, "--data", data_file, "--slice-by", "task")
     assert "task=odd" in result.stdout
-    report = json.loads((bco_run / "eval" / "metrics.json").read_text())
+    report = json.loads((bco_run / f"eval-{data_file.stem}" / "metrics.json").read_text())  # RUN/eval/ is the held-out part's
     rows = data_file.read_text().splitlines()
     overall, slices = report["overall"], report["slices"]
     assert overall["binary"]["rows"] == len(rows)
@@ -136,7 +136,7 @@ def test_eval_on_chosen_rejected_pairs(bco_run, tmp_path):
     pairs = [{"prompt": p, **c} for p, c in by_prompt.items()]
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     invoke("eval", bco_run, "--data", path)
-    report = json.loads((bco_run / "eval" / "metrics.json").read_text())
+    report = json.loads((bco_run / "eval-pairs" / "metrics.json").read_text())
     assert report["overall"]["pairs"]["pairs"] == len(pairs)
     assert report["overall"]["binary"]["rows"] == 2 * len(pairs)
     assert report["overall"]["binary"]["thumbs_up_share"] == 0.5

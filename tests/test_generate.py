@@ -162,3 +162,26 @@ def test_base_answers_are_cached_for_the_next_run(folders, tmp_path, monkeypatch
     assert [(a.base, a.tuned) for a in again] == [(a.base, a.tuned) for a in first]
     gen.generate(run, PROMPTS, gen.Sampling(max_new_tokens=4), compare=True, device=CPU)
     assert len(calls) == 5 and len(list((tmp_path / "cache" / "answers").glob("*.json"))) == 2
+
+
+def test_answers_stop_at_every_eos_id_of_the_generation_config(tiny_model_dir):
+    """Qwen 2.5 lists two EOS ids in generation_config.json (<|im_end|> and <|endoftext|>); the tokenizer knows
+    one. An answer stops at the first of any, as the model's own `generate` with that config does."""
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_base(str(tiny_model_dir), False, torch.float32, CPU).eval()
+    sampled = gen.Sampling(max_new_tokens=12, temperature=1.0, seed=5)  # a random tiny llama says one word greedily
+    prompt_ids = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": "question q3 ?"}], tokenize=False,
+                                                         add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(sampled.seed)  # as gen.complete does, so both draw the same tokens
+    free = model.generate(torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[0, len(prompt_ids):].tolist()
+    # A second stop id: the first token of the free answer, from position 2 on, that did not come before.
+    k = next(i for i in range(2, len(free)) if free[i] not in free[:i] and free[i] != tokenizer.eos_token_id)
+    assert tokenizer.eos_token_id not in free[:k]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, free[k]]
+
+    answer = gen.complete(model, tokenizer, "question q3 ?", sampled, CPU)
+
+    assert answer == tokenizer.decode(free[:k], skip_special_tokens=True).strip()
+    assert len(answer.split()) == k < len(free)  # shorter than the answer that ignored the second id

@@ -163,7 +163,7 @@ def test_the_default_chunk_holds_2_to_the_24_logits(model, monkeypatch):
     monkeypatch.setattr(ql, "CHUNK_LOGITS", 2**7)
     sizes = []
     original = ql.token_logps
-    monkeypatch.setattr(ql, "token_logps", lambda h, hid, t: sizes.append(hid.shape[0]) or original(h, hid, t))
+    monkeypatch.setattr(ql, "token_logps", lambda h, hid, *rest: sizes.append(hid.shape[0]) or original(h, hid, *rest))
     ids, attn, comp = batch()
     with torch.no_grad():
         completion_logps(model, ids, attn, comp)

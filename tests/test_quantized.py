@@ -8,7 +8,7 @@ import torch
 
 from qbco.data import Encoded
 from qbco.logprobs import completion_logps, dataset_logps
-from qbco.models import attach_lora, load_base
+from qbco.models import attach_lora, checkpointed_layers, load_base
 
 CPU = torch.device("cpu")
 
@@ -31,7 +31,7 @@ def float_twin(q_model, folder):
 
 def with_lora(model, checkpointing=True):
     torch.manual_seed(7)
-    peft_model = attach_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear", gradient_checkpointing=checkpointing)
+    peft_model = attach_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear", every_n_layers=1 if checkpointing else None)
     torch.manual_seed(8)  # non-zero A and B, identical in both models, so every adapter gets a gradient
     with torch.no_grad():
         for _name, p in sorted(peft_model.named_parameters()):
@@ -93,9 +93,9 @@ def test_checkpointing_gives_every_fresh_lora_b_a_gradient(tiny_model_dir):
     non-zero gradient (the reentrant kind leaves them at None: docs/pitfalls.md, 8)."""
     torch.manual_seed(0)
     base = load_base(str(tiny_model_dir), load_in_4bit=True, dtype=torch.float32, device=CPU)
-    model = attach_lora(base, r=4, alpha=8, dropout=0.0, targets="all-linear", gradient_checkpointing=True)
+    model = attach_lora(base, r=4, alpha=8, dropout=0.0, targets="all-linear", every_n_layers=1)
     model.train()
-    assert model.get_base_model().is_gradient_checkpointing
+    assert checkpointed_layers(model) == [0, 1]
     completion_logps(model, *inputs()).sum().backward()
     b_grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
     assert len(b_grads) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)

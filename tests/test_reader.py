@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -74,7 +76,8 @@ def test_the_five_formats_give_train_binarize_and_eval_the_same_rows(tmp_path, t
 
         code, text = cli("eval", run, "--data", path)
         assert code == 0, text
-        scores[fmt] = [(s["label"], s["reward"]) for s in map(json.loads, (run / "eval" / "scores.jsonl").read_text().splitlines())]
+        written = Path(re.search(r"wrote (\S+scores\.jsonl)", text).group(1))  # RUN/eval-feedback*/: one folder per file
+        scores[fmt] = [(s["label"], s["reward"]) for s in map(json.loads, written.read_text().splitlines())]
 
     for fmt in FORMATS:
         assert binarized[fmt] == expected, fmt

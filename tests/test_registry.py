@@ -11,6 +11,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from conftest import HS2_CAT_MESSAGES, HS2_MULTI_TURN, HS2_TRIP_MESSAGES, write_hs2_jsonl_gz
 
 from qbco import registry
 from qbco.binarize import binarize
@@ -92,6 +93,23 @@ def test_registry_and_binarize_give_the_same_rows(fake_hub, tmp_path):
     spec = registry.DATASETS["helpsteer2"]
     assert spec.binarize_command().startswith(f"qbco binarize {local.name} -o helpsteer2.jsonl")
     binarize(local, tmp_path / "hs.jsonl", spec.options())
+    rows = [json.loads(line) for line in (tmp_path / "hs.jsonl").read_text().splitlines()]
+    strip = lambda rs: [(r["prompt"], r["completion"], r["label"], r["score"]) for r in rs]  # noqa: E731
+    assert strip(rows) == strip(train)
+
+
+def test_helpsteer2_multi_turn_prompts_are_chat_messages_from_the_hub_too(monkeypatch, tmp_path):
+    """`--data helpsteer2` splits the earlier turns like `qbco binarize` does on the hub's own file."""
+    hub = datasets.DatasetDict(train=as_dataset(HS2_MULTI_TURN), validation=as_dataset(HS2_VALIDATION))
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, *a, **k: hub)
+    summaries = []
+    train, _ = registry.load_registered("helpsteer2", summaries=summaries)
+    assert [r["prompt"] for r in train] == [HS2_CAT_MESSAGES] * 2 + ["c#"] * 2 + [HS2_TRIP_MESSAGES] * 2
+    assert (summaries[0].prompts, summaries[0].multi_turn_prompts) == (3, 2)
+    assert summaries[0].dropped == {"malformed messages": 1}
+
+    local = write_hs2_jsonl_gz(tmp_path / "train.jsonl.gz")
+    binarize(local, tmp_path / "hs.jsonl", registry.DATASETS["helpsteer2"].options())
     rows = [json.loads(line) for line in (tmp_path / "hs.jsonl").read_text().splitlines()]
     strip = lambda rs: [(r["prompt"], r["completion"], r["label"], r["score"]) for r in rs]  # noqa: E731
     assert strip(rows) == strip(train)

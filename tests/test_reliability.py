@@ -82,7 +82,16 @@ def bad_inputs(tmp: Path, model_dir: Path) -> dict:
         "output holds a run": (m + ["--data", str(ok), "--output", str(held)], "already holds a run; continue it with --resume"),
         "output holds other files": (m + ["--data", str(ok), "--output", str(other), "--overwrite"], "holds no qbco run"),
         "resume without a run": (["--resume", str(other)], "no qbco run there"),
-        "resume with flags": (["--resume", str(held), "--lr", "1"], "drop --lr"),
+        "resume with flags": (["--resume", str(held), "--beta", "1"],
+                              "--beta cannot change (flags allowed with --resume: --lr, --max-steps, --epochs, --save-every, "
+                              "--keep, --memory-budget, --gradient-checkpointing, --quiet)"),
+        "resume with overwrite": (["--resume", str(held), "--overwrite"], "--overwrite has no effect with --resume"),
+        "ema decay without bco": (m + ["--data", str(ok), "--loss", "bce", "--ema-decay", "0.5"],
+                                  "--ema-decay has no effect with --loss bce (only bco uses it)"),
+        "one class outside bco": (m + ["--data", str(ok), "--loss", "kto", "--allow-one-class"],
+                                  "--allow-one-class has no effect with --loss kto (only bco uses it)"),
+        "balance with dpo": (m + ["--data", str(ok), "--loss", "dpo", "--balance", "weight"],
+                             "--balance has no effect with --loss dpo (only bco, bce and kto use it)"),
     }
 
 
@@ -90,7 +99,8 @@ CASES = [
     "missing file", "truncated json", "bad jsonl line", "bad csv row", "not utf-8", "truncated parquet", "unknown columns", "bad label",
     "empty dataset", "empty after split", "one class", "empty prompt", "empty completion", "invalid yaml",
     "unknown recipe key", "beta", "sft weight", "lr", "lora r", "length", "eval fraction", "unknown model", "output holds a run",
-    "output holds other files", "resume without a run", "resume with flags",
+    "output holds other files", "resume without a run", "resume with flags", "resume with overwrite",
+    "ema decay without bco", "one class outside bco", "balance with dpo",
 ]
 
 

