@@ -81,6 +81,10 @@ CANDIDATES = {
     "bco+sft3": {"sft_weight": 3.0},
     "bco+sft1+lr1e-3": {"sft_weight": 1.0, "lr": 1e-3},
     "sft-only": {"loss": "sft-only", "sft_weight": 1.0},
+    "bco+lr1e-3": {"lr": 1e-3},
+    "bco+sft1+lr3e-3": {"sft_weight": 1.0, "lr": 3e-3},
+    "bco+sft3+lr1e-3": {"sft_weight": 3.0, "lr": 1e-3},
+    "bco+sft1+lr1e-3+beta0.3": {"sft_weight": 1.0, "lr": 1e-3, "beta": 0.3},
 }
 
 

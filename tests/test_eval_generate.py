@@ -36,8 +36,8 @@ def evaluated(tmp_path_factory, tiny_run):
     result = runner.invoke(app, ["eval", str(run), "--data", str(data), "--slice-by", "task", "--generate",
                                  "--max-new-tokens", "6"])
     assert result.exit_code == 0, (result.output, result.exception)
-    records = [json.loads(line) for line in (run / "eval" / "generations.jsonl").read_text().splitlines()]
-    report = json.loads((run / "eval" / "metrics.json").read_text())
+    records = [json.loads(line) for line in (run / "eval-checked" / "generations.jsonl").read_text().splitlines()]
+    report = json.loads((run / "eval-checked" / "metrics.json").read_text())
     return run, rows, records, report, result.output
 
 
@@ -55,7 +55,7 @@ def test_answers_are_generate_compares_and_success_follows_the_checks(evaluated)
     assert report["generation_kind"] == gen.CPU_FLOAT and "greedy" in report["sampling"]
     flat = " ".join(output.split())
     assert "task success: base" in flat and "task=odd" in flat and gen.CPU_FLOAT[:30] in flat
-    assert f"wrote{run / 'eval' / 'generations.jsonl'}" in "".join(output.split())  # rich may fold a long path
+    assert f"wrote{run / 'eval-checked' / 'generations.jsonl'}" in "".join(output.split())  # rich may fold a long path
 
 
 def test_each_answer_carries_its_reward_under_the_run(evaluated):
@@ -120,7 +120,7 @@ def test_a_malformed_check_is_one_line_and_nothing_is_written(tmp_path, tiny_run
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     result = runner.invoke(app, ["eval", str(run), "--data", str(data), "--generate"], env={"COLUMNS": "400"})
     assert result.exit_code == 2 and "a number check needs value" in result.output, result.output
-    assert len(result.output.strip().splitlines()) == 1 and not (run / "eval").exists()
+    assert len(result.output.strip().splitlines()) == 1 and not any(p.name.startswith("eval") for p in run.iterdir())
     result = runner.invoke(app, ["eval", str(run), "--generate", "--max-prompts", "0"])
     assert result.exit_code == 2 and "--max-prompts must be >= 1" in result.output
 
