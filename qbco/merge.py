@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -120,6 +122,11 @@ def completion_token_logps(model, rows: list[Encoded], device) -> list[torch.Ten
     return out
 
 
+def passes(g: Gap, max_gap: float) -> bool:
+    """Within the limit; a NaN (an fp16 overflow) never is."""
+    return math.isfinite(g.mean) and g.mean <= max_gap
+
+
 def gap(dtype: str, logps: list[torch.Tensor], reference: list[torch.Tensor]) -> Gap:
     diffs = torch.cat([(a - b).abs() for a, b in zip(logps, reference)])
     return Gap(dtype, float(diffs.mean()), float(diffs.max()), len(logps), diffs.numel())
@@ -154,7 +161,7 @@ def to_fp32_compute(model) -> None:
     for module in model.modules():
         if hasattr(module, "compute_dtype"):  # bitsandbytes Linear4bit
             module.compute_dtype = torch.float32
-        for name, param in module.named_parameters(recurse=False):
+        for _, param in module.named_parameters(recurse=False):
             if param.is_floating_point() and param.dtype != torch.float32:  # 4-bit codes are uint8: untouched
                 param.data = param.data.float()  # in place on the Parameter: a tied head stays tied
         for name, buf in module.named_buffers(recurse=False):
@@ -277,8 +284,9 @@ def measure_saved(folder: Path, rows: list[Encoded], reference: list[torch.Tenso
     its gap to the trained model's log-probs `reference`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code)
-    model.to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                 device_map={"": device})
+    model.eval()
     logps = completion_token_logps(model, rows, device)
     del model
     _release()
@@ -286,10 +294,9 @@ def measure_saved(folder: Path, rows: list[Encoded], reference: list[torch.Tenso
 
 
 def clear_folder(folder: Path) -> None:
+    """Empty the temporary folder of a dtype that missed, before the next one is saved into it."""
     for path in folder.iterdir():
         if path.is_dir():
-            import shutil
-
             shutil.rmtree(path)
         else:
             path.unlink()
@@ -379,7 +386,7 @@ def check_merge_output(output: Path, run_dir: Path, overwrite: bool) -> None:
 
 def _miss(asked: str, tried: list[Gap], max_gap: float) -> QbcoError:
     """The one-line refusal: what missed, by how much, and the dtype that passes if one does."""
-    passing = next((t for t in tried if t.mean <= max_gap), None)
+    passing = next((t for t in tried if passes(t, max_gap)), None)
     first = tried[0]
     if asked != "auto" and passing is not None:
         return QbcoError(
@@ -413,11 +420,15 @@ def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap:
     path = resolve_model(config.model)
     from transformers import AutoConfig
 
-    estimate = merge_memory(AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code), config,
-                            candidates, device)
-    log(estimate.line())
-    if device.type == "cuda" and estimate.device_peak > torch.cuda.mem_get_info(device)[0]:
-        log(f"note: {device} has {torch.cuda.mem_get_info(device)[0] / GiB:.1f} GiB free; --device cpu merges in RAM")
+    try:
+        estimate = merge_memory(AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code), config,
+                                candidates, device)
+    except (OSError, AttributeError, TypeError):  # an unreachable hub config (load_base says so) or not llama-style
+        estimate = None
+    if estimate is not None:
+        log(estimate.line())
+        if device.type == "cuda" and estimate.device_peak > torch.cuda.mem_get_info(device)[0]:
+            log(f"note: {device} has {_size(torch.cuda.mem_get_info(device)[0])} free; --device cpu merges in RAM")
 
     tokenizer = load_tokenizer(str(run_dir / "adapter"))
     trained = load_trained(run_dir, config, device)
@@ -433,6 +444,7 @@ def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap:
     _release()
 
     tried: list[Gap] = []
+    chosen = None
     with atomic_folder(output) as tmp:
         for name in candidates:
             # fp32 is always the last to try: the merged model itself is saved and then let go before the
@@ -445,12 +457,13 @@ def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap:
             _release()
             tried.append(measure_saved(tmp, rows, reference, name, device, config.trust_remote_code))
             log(f"{name}: {tried[-1].mean:.3g} nats per token from the trained model (limit {max_gap:g})")
-            if tried[-1].mean <= max_gap:
+            if passes(tried[-1], max_gap):
+                chosen = tried[-1]
                 break
             clear_folder(tmp)
-        if tried[-1].mean > max_gap or (dtype != "auto" and tried[-1].dtype != dtype):
+        if chosen is None or (dtype != "auto" and chosen.dtype != dtype):
             raise _miss(dtype, tried, max_gap)
-        result = MergeResult(output, tried[-1].dtype, tried[-1], tried, max_gap, folder_bytes(tmp), notes)
+        result = MergeResult(output, chosen.dtype, chosen, tried, max_gap, folder_bytes(tmp), notes)
         (tmp / "README.md").write_text(model_card(run_dir, output, config, result), encoding="utf-8")
         info = {"run": str(run_dir.resolve()), "model": config.model, "base": "dequantized" if config.load_in_4bit else "float",
                 "dtype": result.dtype, "max_gap": max_gap, "gap": asdict(result.gap), "tried": [asdict(t) for t in tried],

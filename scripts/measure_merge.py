@@ -14,7 +14,7 @@ rounded, then widened: only the rounding counts), then computes in the dtype its
 - the merged linear weights W + s B A; the tied embedding / head; the norms;
 - every weight (OUT's weights, computed exactly);
 - every weight and the computation in the dtype (OUT as a user loads it), unmerged (peft keeps the adapter in
-  fp32) and merged.
+  fp32) and merged; and merged by peft into a base already in the dtype (how qbco merged before issue 13).
 
 bases merges into the dequantized NF4 weights (what qbco does) or into the checkpoint's original float
 weights, and measures each base alone (adapters off) against the 4-bit base.
@@ -117,6 +117,12 @@ def breakdown(m: Measure) -> dict:
             out[dname][label] = {"mean": g.mean, "max": g.max, "seconds": round(time.perf_counter() - start, 1)}
             kept[label] = logps
             del variant
+        # What qbco merge did before issue 13: peft's merge into a base already in the dtype, so W is rounded, then
+        # W + s B A is rounded again.
+        variant = copy_rounded(unmerged, dtype, is_base, True).merge_and_unload().eval()
+        g = merge.gap(dname, m.logps(variant), m.reference)
+        out[dname]["merged by peft in the dtype (W rounded, then W + sBA again)"] = {"mean": g.mean, "max": g.max}
+        del variant
         # The computation's own share: OUT against the same weights computed in fp32.
         g = merge.gap(dname, kept["every weight and compute (merged) = OUT"], kept["every weight (merged), fp32 compute"])
         out[dname]["compute alone (OUT vs its own weights in fp32)"] = {"mean": g.mean, "max": g.max}

@@ -277,6 +277,14 @@ def test_refusals_name_the_fix(tiny_run, tmp_path):
         merging.merge(tmp_path, tmp_path / "m", log=quiet)
 
 
+def test_an_overflow_never_passes():
+    """fp16 can overflow where bf16 cannot: a NaN gap is a miss, and the refusal names a dtype that passed."""
+    nan, ok = merging.Gap("fp16", float("nan"), float("nan"), 4, 20), merging.Gap("fp32", 1e-6, 1e-5, 4, 20)
+    assert not merging.passes(nan, 0.05) and merging.passes(ok, 0.05)
+    assert "fp32 passes" in str(merging._miss("fp16", [nan, ok], 0.05))
+    assert "no dtype keeps" in str(merging._miss("auto", [nan], 0.05))
+
+
 def test_adapter_on_a_tied_head_is_refused(tmp_path):
     """Merged into a tied lm_head, a LoRA update would change the input embeddings too (docs/pitfalls.md, 12)."""
     from types import SimpleNamespace
