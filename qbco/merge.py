@@ -156,11 +156,14 @@ def check_adapter(run_dir: Path, model_config) -> None:
 
 def to_fp32_compute(model) -> None:
     """Compute in fp32 on the weights as trained. The base is loaded in the run's compute dtype, so its 4-bit
-    codes are the ones training used; then 4-bit layers compute in fp32 and every float tensor is widened
-    (exactly). A run that computed in bf16 is the same model without bf16's rounding of activations."""
+    codes and scales are the ones training used; then 4-bit layers compute in fp32, dequantize to fp32 (in
+    their forward and in PreTrainedModel.dequantize alike: both follow quant_state.dtype or the input's dtype)
+    and every float tensor is widened, exactly. A run that computed in bf16 is the same model without bf16's
+    rounding of weights and activations."""
     for module in model.modules():
         if hasattr(module, "compute_dtype"):  # bitsandbytes Linear4bit
             module.compute_dtype = torch.float32
+            module.weight.quant_state.dtype = torch.float32
         for _, param in module.named_parameters(recurse=False):
             if param.is_floating_point() and param.dtype != torch.float32:  # 4-bit codes are uint8: untouched
                 param.data = param.data.float()  # in place on the Parameter: a tied head stays tied

@@ -21,7 +21,7 @@ from qbco.cli import app
 from qbco.data import collate
 from qbco.errors import QbcoError
 from qbco.logprobs import completion_logps
-from qbco.models import load_run, load_tokenizer
+from qbco.models import load_base, load_run, load_tokenizer
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +186,33 @@ def test_merged_folder_loads_without_peft_and_answers_like_the_trained_model(tin
     assert eval_line["split"] == "eval"
     assert str(tiny_model_dir) in card and "data.jsonl" in card and "lora_r: 16" in card
     assert f"| eval_reward_accuracy | {eval_line['eval_reward_accuracy']:.4g} |" in card
+
+
+def test_a_run_that_computed_in_bf16_is_merged_exactly_in_fp32(tiny_model_dir, tmp_path):
+    """As on a GPU: the run loaded its base in bf16, so its NF4 codes and scales came from bf16 weights. The
+    reference keeps those codes and computes in fp32; the fp32 merge reproduces it, while the run computing
+    in bf16 (load_run) differs from it by bf16's rounding of activations."""
+    from qbco.config import build_config
+    from qbco.train import train
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(40)), encoding="utf-8")
+    config = build_config(model=str(tiny_model_dir), data=str(data), output=str(tmp_path / "run"), eval_fraction=0.25,
+                          lr=1e-2, beta=0.5, max_steps=2, batch_size=8, max_prompt_length=32, max_completion_length=16,
+                          dtype="bf16")
+    run = train(config, log=quiet).output
+    trained = merging.load_trained(run, merging.read_run(run), CPU)
+    layer = trained.get_base_model().model.layers[0].mlp.down_proj.base_layer
+    assert layer.compute_dtype == torch.float32 and layer.weight.quant_state.dtype == torch.float32
+    as_trained = load_base(str(tiny_model_dir), True, torch.bfloat16, CPU).model.layers[0].mlp.down_proj
+    assert torch.equal(layer.weight.data, as_trained.weight.data)  # the NF4 codes training used
+    assert all(p.dtype in (torch.float32, torch.uint8) for p in trained.parameters())
+    result = merging.merge(run, tmp_path / "merged", dtype="fp32", device=CPU, log=quiet)
+    assert result.gap.mean < 1e-5
+    _, tokenizer, in_bf16 = load_run(run, CPU)
+    rows, _ = merging.held_out_rows(merging.read_run(run), tokenizer, merging.CHECK_ROWS)
+    reference = merging.completion_token_logps(trained, rows, CPU)
+    assert merging.gap("", merging.completion_token_logps(in_bf16, rows, CPU), reference).mean > 10 * result.gap.mean
 
 
 def test_completion_token_logps_sum_to_completion_logps(tiny_run):
