@@ -23,7 +23,7 @@ import yaml
 from qbco.config import TrainConfig, load_run_config
 from qbco.data import Encoded, encode_all, load_feedback, read_demo
 from qbco.errors import QbcoError
-from qbco.memory import GiB, NF4_BYTES
+from qbco.memory import NF4_BYTES, GiB
 from qbco.models import EXCLUDED_TARGETS, MODEL_ALIASES, compute_dtype, default_device, load_base, load_tokenizer, resolve_model
 from qbco.run_folder import atomic_folder
 from qbco.run_log import Metrics, read_metrics

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama, make_tokenizer, separable_rows, words_of
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import make_tiny_llama, make_tokenizer, separable_rows, words_of
 from qbco import merge as merging
 from qbco.cli import app
 from qbco.data import collate
