@@ -215,6 +215,22 @@ def test_a_run_that_computed_in_bf16_is_merged_exactly_in_fp32(tiny_model_dir, t
     assert merging.gap("", merging.completion_token_logps(in_bf16, rows, CPU), reference).mean > 10 * result.gap.mean
 
 
+def test_a_run_on_a_float_base_merges_into_that_base(tiny_model_dir, tmp_path):
+    """--no-4bit: nothing to dequantize; the adapter goes into the checkpoint's weights, exactly in fp32."""
+    from qbco.config import build_config
+    from qbco.train import train
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(40)), encoding="utf-8")
+    config = build_config(model=str(tiny_model_dir), data=str(data), output=str(tmp_path / "run"), eval_fraction=0.25,
+                          lr=1e-2, beta=0.5, max_steps=2, batch_size=8, max_prompt_length=32, max_completion_length=16,
+                          load_in_4bit=False)
+    run = train(config, log=quiet).output
+    result = merging.merge(run, tmp_path / "merged", dtype="fp32", device=CPU, log=quiet)
+    assert result.gap.mean < 1e-5
+    assert json.loads((result.output / merging.MERGE_INFO).read_text())["base"] == "float"
+
+
 def test_completion_token_logps_sum_to_completion_logps(tiny_run):
     """The check's log-probs (the model's own forward) and training's (decoder + chunked head) agree."""
     config, tokenizer, trained = load_run(tiny_run, CPU)
