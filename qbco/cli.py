@@ -277,8 +277,9 @@ def merge(
         _quiet_libraries()
         from qbco.merge import merge as run_merge
 
-        result = run_merge(run_dir, output, dtype=dtype, max_gap=max_gap, overwrite=overwrite, device=device,
-                           log=lambda message: console.print(message, highlight=False))
+        with _progress() as progress:
+            result = run_merge(run_dir, output, dtype=dtype, max_gap=max_gap, overwrite=overwrite, device=device,
+                               log=_log, progress=progress)
     gap = result.gap
     table = Table(title=f"qbco merge: {result.output}", show_header=False)
     table.add_row("saved in", f"{result.dtype} ({result.size_bytes / 2**20:.0f} MiB of weights); the adapter merged in fp32")

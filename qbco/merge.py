@@ -108,17 +108,19 @@ def held_out_rows(config: TrainConfig, tokenizer, limit: int) -> tuple[list[Enco
 
 
 @torch.no_grad()
-def completion_token_logps(model, rows: list[Encoded], device) -> list[torch.Tensor]:
+def completion_token_logps(model, rows: list[Encoded], device, done=lambda n: None) -> list[torch.Tensor]:
     """log p of every completion token, one row at a time (no padding), from the model's own forward, so a
-    logit transform inside it (softcapping, logit scales: docs/pitfalls.md, 15) counts; float32 log-softmax."""
+    logit transform inside it (softcapping, logit scales: docs/pitfalls.md, 15) counts; float32 log-softmax.
+    `done(n)` is told the rows measured so far (a progress bar)."""
     out = []
-    for row in rows:
+    for i, row in enumerate(rows):
         ids = torch.tensor([row.prompt_ids + row.completion_ids], device=device)
         n = len(row.completion_ids)
         # The last n + 1 positions: n of them predict the completion tokens, the very last predicts nothing.
         logits = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1).logits[0, :-1].float()
         targets = ids[0, -n:]
         out.append((logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)).cpu())
+        done(i + 1)
     return out
 
 
@@ -282,7 +284,7 @@ def save_merged(model, tokenizer, folder: Path, max_shard_size: str = "2GB") -> 
 
 
 def measure_saved(folder: Path, rows: list[Encoded], reference: list[torch.Tensor], dtype: str, device,
-                  trust_remote_code: bool = False) -> Gap:
+                  trust_remote_code: bool = False, done=lambda n: None) -> Gap:
     """Reload `folder` as a user would (plain transformers, no peft, the dtype it was saved in) and measure
     its gap to the trained model's log-probs `reference`."""
     from transformers import AutoModelForCausalLM
@@ -290,7 +292,7 @@ def measure_saved(folder: Path, rows: list[Encoded], reference: list[torch.Tenso
     model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code,
                                                  device_map={"": device})
     model.eval()
-    logps = completion_token_logps(model, rows, device)
+    logps = completion_token_logps(model, rows, device, done)
     del model
     _release()
     return gap(dtype, logps, reference)
@@ -407,12 +409,15 @@ def _miss(asked: str, tried: list[Gap], max_gap: float) -> QbcoError:
 
 
 def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap: float = DEFAULT_MAX_GAP,
-          overwrite: bool = False, device: str | torch.device | None = None, log=print) -> MergeResult:
+          overwrite: bool = False, device: str | torch.device | None = None, log=print, progress=None) -> MergeResult:
     """Merge RUN's adapter in fp32, save OUT in `dtype` (auto: the smallest within `max_gap`), check it.
 
     Every dtype is measured on the saved folder itself, reloaded. Everything is written into a temporary
     folder next to `output` and renamed at the end: a failed check or an interrupted merge leaves no OUT.
+    `progress` (the CLI's rich Progress, or None) shows the measuring of the trained model and of each dtype.
     """
+    from qbco.progress import Wait
+
     run_dir, output = Path(run_dir), Path(output)
     candidates = dtype_candidates(dtype)
     if not max_gap > 0:
@@ -438,7 +443,7 @@ def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap:
     rows, notes = held_out_rows(config, tokenizer, CHECK_ROWS)
     for note in notes:
         log(note)
-    reference = completion_token_logps(trained, rows, device)
+    reference = completion_token_logps(trained, rows, device, Wait(progress, "measuring the trained model", len(rows)))
     log(f"trained model measured on {len(rows)} held-out rows; merging in fp32")
     merged = merge_exact(trained, run_dir)
     del trained
@@ -458,7 +463,8 @@ def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap:
             if name == "fp32":
                 merged = None
             _release()
-            tried.append(measure_saved(tmp, rows, reference, name, device, config.trust_remote_code))
+            tried.append(measure_saved(tmp, rows, reference, name, device, config.trust_remote_code,
+                                       Wait(progress, f"measuring the saved {name} model", len(rows))))
             log(f"{name}: {tried[-1].mean:.3g} nats per token from the trained model (limit {max_gap:g})")
             if passes(tried[-1], max_gap):
                 chosen = tried[-1]
