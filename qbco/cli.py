@@ -298,31 +298,25 @@ def plot(
 def merge(
     run_dir: Path = typer.Argument(..., help="A finished qbco run (config.yaml + adapter/)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write: a standard Hugging Face model (safetensors, config, tokenizer, README)."),
-    base: str = typer.Option("dequantized", help="Merge into 'dequantized' (the NF4 weights the adapter was trained against: answers like the trained model) or 'original' (the checkpoint's float weights). See docs/merge.md."),
-    dtype: str = typer.Option("bf16", help="Weights of the merged model: bf16, fp16 or fp32 (never 4-bit: it rounds the update away)."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload OUTPUT with plain transformers and compare its logits with base + adapter in memory."),
+    dtype: str = typer.Option("auto", help="Weights of the merged model: auto (the smallest of bf16, fp16, fp32 within --max-gap), bf16, fp16 or fp32. Never 4-bit: it rounds the update away."),
+    max_gap: float = typer.Option(0.05, "--max-gap", help="Fail (nothing written) when OUTPUT's mean |delta log p| per completion token against the trained model exceeds this, in nats."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one); --device cpu merges a model too big for the GPU in RAM."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists (only a model folder)."),
 ) -> None:
-    """Merge a run's LoRA adapter into float weights and save a model that loads without peft."""
+    """Merge a run's LoRA adapter and save a model that loads without peft and answers like the trained one."""
     with user_errors():
         _quiet_libraries()
         from qbco.merge import merge as run_merge
 
-        result = run_merge(run_dir, output, base=base, dtype=dtype, verify_output=verify, overwrite=overwrite,
-                           log=lambda message: console.print(message, highlight=False))
+        with _progress() as progress:
+            result = run_merge(run_dir, output, dtype=dtype, max_gap=max_gap, overwrite=overwrite, device=device,
+                               log=_log, progress=progress)
+    gap = result.gap
     table = Table(title=f"qbco merge: {result.output}", show_header=False)
-    table.add_row("merged into", f"{result.base} base weights, {result.dtype}")
-    fid = result.fidelity
-    table.add_row("vs the trained model (run as trained)",
-                  f"mean |delta log p| {fid.mean_abs:.3g} nats/token, max {fid.max_abs:.3g} ({fid.tokens} tokens, {fid.rows} held-out rows)")
-    check = result.verification
-    if check:
-        table.add_row("verify: logits of OUTPUT vs base + adapter",
-                      f"max |diff| {check.max_abs:.3g} (limit {check.max_limit:.3g}), mean {check.mean_abs:.3g} "
-                      f"(limit {check.mean_limit:.3g}): [green]passed[/]")
-        table.add_row("adapter's own effect on logits", f"mean {check.adapter_effect:.3g}")
-    else:
-        table.add_row("verify", "skipped (--no-verify)")
+    table.add_row("saved in", f"{result.dtype} ({result.size_bytes / 2**20:.0f} MiB of weights); the adapter merged in fp32")
+    table.add_row("gap to the trained model", f"mean |delta log p| {gap.mean:.3g} nats/token, max {gap.max:.3g} "
+                  f"({gap.tokens} tokens of {gap.rows} held-out rows; limit {result.max_gap:g}): [green]passed[/]")
+    table.add_row("dtypes measured", ", ".join(f"{t.dtype} {t.mean:.3g}" for t in result.tried))
     Console().print(table)
 
 

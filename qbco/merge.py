@@ -1,80 +1,49 @@
-"""Merge a run's LoRA adapter into float weights and save a standard Hugging Face folder, verified.
+"""Merge a run's LoRA adapter into its base and save a Hugging Face folder that answers like the trained model.
 
-The adapter was trained on top of the NF4-dequantized weights, not the checkpoint's float weights, so by
-default it is merged into those ('dequantized'); 'original' merges into the checkpoint as it was. Never
-into 4-bit weights: that rounds the update away (docs/pitfalls.md, 7). docs/merge.md has the measured figures.
+The adapter was trained on top of the NF4-dequantized weights, so it is merged into exactly those (the 4-bit
+model dequantized in place, never the checkpoint's float weights and never 4-bit weights: docs/pitfalls.md, 7), in
+fp32, where the merge is exact. Each smaller dtype rounds it; the check is fidelity: OUT is saved, reloaded
+with plain transformers and its per-token log-probs compared with the trained model's on held-out rows.
+`--dtype auto` keeps the smallest dtype within the limit. docs/merge.md has the measurements.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
+import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
-from qbco.config import TrainConfig
+from qbco.config import TrainConfig, load_run_config
 from qbco.data import Encoded, encode_all, load_feedback, read_demo
 from qbco.errors import QbcoError
-from qbco.logprobs import causal_lm, token_logps
-from qbco.models import (
-    EXCLUDED_TARGETS,
-    MODEL_ALIASES,
-    compute_dtype,
-    default_device,
-    load_base,
-    load_run,
-    resolve_model,
-)
+from qbco.memory import NF4_BYTES, GiB
+from qbco.models import EXCLUDED_TARGETS, MODEL_ALIASES, compute_dtype, default_device, load_base, load_tokenizer, resolve_model
 from qbco.run_folder import atomic_folder
 from qbco.run_log import Metrics, read_metrics
 
-BASES = ("dequantized", "original")
-DEFAULT_BASE = "dequantized"  # measured closer to the trained model: docs/merge.md
-MERGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Verification passes when the saved folder's logits differ from float base + adapter in memory by at most
-# this share of the reference's logit scale: max |diff| against max |logit|, mean |diff| against mean |logit|.
-# The two differ only in arithmetic (W + BA rounded once to the dtype, against x W + (x A) B with the
-# adapter in fp32), which grows with the dtype's epsilon: on SmolLM2-135M bf16 gives 7% (max) and 4.4%
-# (mean), fp16 0.75% and 0.52%, fp32 4e-6 (docs/merge.md). A dropped adapter or a broken tied head moves
-# logits by tens of percent.
-RTOL = {torch.float32: 1e-4, torch.float16: 0.03, torch.bfloat16: 0.25}
-VERIFY_ROWS = 4
-MEASURE_ROWS = 64
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# --dtype auto tries these in order and keeps the first within the limit: smallest first, and bf16 before
+# fp16 (the same size; bf16 has fp32's range, so no activation overflows).
+AUTO_ORDER = ("bf16", "fp16", "fp32")
+DEFAULT_MAX_GAP = 0.05  # nats per completion token; measured on the demo run: bf16 0.58, fp16 0.018, fp32 1.5e-5
+CHECK_ROWS = 32
 MERGE_INFO = "qbco_merge.json"  # what generate --compare reads to find the base
 
 
 @dataclass
-class Verification:
-    """Logits of the saved folder (plain transformers) against float base + adapter in memory."""
+class Gap:
+    """|log p(OUT) - log p(trained model)| per completion token of the check rows, in nats."""
 
-    max_abs: float
-    mean_abs: float
-    max_limit: float  # RTOL x max |reference logit|
-    mean_limit: float  # RTOL x mean |reference logit|
-    rtol: float
-    adapter_effect: float  # mean |logit change| the adapter makes: what a dropped adapter would show
-    rows: int
-    positions: int
-
-    @property
-    def ok(self) -> bool:
-        return self.max_abs <= self.max_limit and self.mean_abs <= self.mean_limit
-
-    @property
-    def adapter_visible(self) -> bool:
-        """Whether a dropped adapter would fail the check (not when the adapter barely moves the logits)."""
-        return self.adapter_effect > self.mean_limit
-
-
-@dataclass
-class Fidelity:
-    """Per completion token |log p(merged) - log p(trained 4-bit + adapter)|, in nats."""
-
-    mean_abs: float
-    max_abs: float
+    dtype: str
+    mean: float
+    max: float
     rows: int
     tokens: int
 
@@ -82,25 +51,35 @@ class Fidelity:
 @dataclass
 class MergeResult:
     output: Path
-    base: str
     dtype: str
-    verification: Verification | None
-    fidelity: Fidelity
+    gap: Gap  # of OUT as saved, reloaded with plain transformers
+    tried: list[Gap]  # every dtype measured, in the order tried
+    max_gap: float
+    size_bytes: int  # OUT's weights on disk
     notes: list[str] = field(default_factory=list)
 
 
-def merge_dtype(name: str) -> torch.dtype:
-    if name in MERGE_DTYPES:
-        return MERGE_DTYPES[name]
+def dtype_candidates(name: str) -> tuple[str, ...]:
+    """The dtypes to measure, in order: every one for 'auto'; for an explicit dtype, that one and the wider
+    ones after it (measured only if it misses, to name one that passes)."""
+    if name == "auto":
+        return AUTO_ORDER
+    if name in DTYPES:
+        return AUTO_ORDER[AUTO_ORDER.index(name):]
     if name.lower() in ("4bit", "nf4", "int4", "fp4", "int8", "8bit"):
-        raise QbcoError(f"cannot merge into {name} weights: the LoRA update is rounded away (docs/pitfalls.md, 7); use --dtype bf16")
-    raise QbcoError(f"--dtype must be one of {', '.join(MERGE_DTYPES)} (got {name!r})")
+        raise QbcoError(f"cannot merge into {name} weights: the LoRA update is rounded away (docs/pitfalls.md, 7); use --dtype auto")
+    raise QbcoError(f"--dtype must be auto, {', '.join(DTYPES)} (got {name!r})")
 
 
-def check_base(base: str) -> str:
-    if base not in BASES:
-        raise QbcoError(f"--base must be one of {', '.join(BASES)} (got {base!r})")
-    return base
+def merge_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return default_device()
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise QbcoError(f"--device must be cpu or cuda (got {device})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QbcoError("--device cuda: no CUDA device is available here; use --device cpu")
+    return device
 
 
 def hub_id(model: str) -> str | None:
@@ -128,70 +107,40 @@ def held_out_rows(config: TrainConfig, tokenizer, limit: int) -> tuple[list[Enco
     return encode_all(rows, tokenizer, config.max_prompt_length, config.max_completion_length), notes
 
 
-def _ids(row: Encoded, device) -> torch.Tensor:
-    return torch.tensor([row.prompt_ids + row.completion_ids], device=device)
-
-
 @torch.no_grad()
-def per_token_logps(model, rows: list[Encoded], device) -> list[torch.Tensor]:
-    """log p of every completion token, one row at a time (no padding): completion_logps without the sum,
-    through the same decoder, head and gather - logsumexp (tests check the sums agree)."""
-    lm = causal_lm(model)
-    head = lm.get_output_embeddings()
+def completion_token_logps(model, rows: list[Encoded], device, done=lambda n: None) -> list[torch.Tensor]:
+    """log p of every completion token, one row at a time (no padding), from the model's own forward, so a
+    logit transform inside it (softcapping, logit scales: docs/pitfalls.md, 15) counts; float32 log-softmax.
+    `done(n)` is told the rows measured so far (a progress bar)."""
     out = []
-    for row in rows:
-        ids = _ids(row, device)
-        hidden = lm.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
-        p = len(row.prompt_ids)
-        out.append(token_logps(head, hidden[p - 1 : -1], ids[0, p:]).cpu())
+    for i, row in enumerate(rows):
+        ids = torch.tensor([row.prompt_ids + row.completion_ids], device=device)
+        n = len(row.completion_ids)
+        # The last n + 1 positions: n of them predict the completion tokens, the very last predicts nothing.
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1).logits[0, :-1].float()
+        targets = ids[0, -n:]
+        out.append((logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)).cpu())
+        done(i + 1)
     return out
 
 
-@torch.no_grad()
-def row_logits(model, rows: list[Encoded], device) -> list[torch.Tensor]:
-    """[T, vocab] float32 logits of every row, one row at a time."""
-    return [model(input_ids=_ids(row, device), use_cache=False).logits[0].float().cpu() for row in rows]
+def passes(g: Gap, max_gap: float) -> bool:
+    """Within the limit; a NaN (an fp16 overflow) never is."""
+    return math.isfinite(g.mean) and g.mean <= max_gap
 
 
-def logit_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float, int]:
-    """(max |a - b|, mean |a - b|, positions) over every position and vocabulary entry of every row."""
-    diffs = [(x - y).abs() for x, y in zip(a, b)]
-    total = sum(float(d.sum()) for d in diffs)
-    count = sum(d.numel() for d in diffs)
-    return max(float(d.max()) for d in diffs), total / count, sum(d.shape[0] for d in diffs)
+def gap(dtype: str, logps: list[torch.Tensor], reference: list[torch.Tensor]) -> Gap:
+    diffs = torch.cat([(a - b).abs() for a, b in zip(logps, reference)])
+    return Gap(dtype, float(diffs.mean()), float(diffs.max()), len(logps), diffs.numel())
 
 
-def fidelity(merged: list[torch.Tensor], trained: list[torch.Tensor]) -> Fidelity:
-    gaps = torch.cat([(m - t).abs() for m, t in zip(merged, trained)])
-    return Fidelity(float(gaps.mean()), float(gaps.max()), len(merged), gaps.numel())
+# ---------------------------------------------------------------- the trained model and the exact merge
 
 
-# ---------------------------------------------------------------- building the merged model
-
-
-def dequantize_into(float_model: torch.nn.Module, quantized: torch.nn.Module) -> int:
-    """Copy the dequantized weight of every bitsandbytes Linear4bit in `quantized` (a 4-bit model, wrapped
-    in a PeftModel or not) into the linear layer of the same name in `float_model`. Returns the count."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
-
-    targets = dict(float_model.named_modules())
-    n = 0
-    for name, module in quantized.named_modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        # A PeftModel names the layer base_model.model.<name>.base_layer
-        name = name.removeprefix("base_model.model.").removesuffix(".base_layer")
-        target = targets.get(name)
-        if target is None or not isinstance(target, torch.nn.Linear):
-            raise QbcoError(f"the 4-bit model's layer {name} has no float counterpart; cannot build the dequantized base")
-        w = dequantize_4bit(module.weight.data, module.weight.quant_state)
-        with torch.no_grad():
-            target.weight.copy_(w.reshape(target.weight.shape).to(target.weight.device, target.weight.dtype))
-        n += 1
-    if n == 0:
-        raise QbcoError("found no 4-bit layers to dequantize")
-    return n
+def read_run(run_dir: Path) -> TrainConfig:
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise QbcoError(f"{run_dir} is not a finished qbco run (needs config.yaml and adapter/)")
+    return load_run_config(run_dir / "config.yaml")
 
 
 def check_adapter(run_dir: Path, model_config) -> None:
@@ -207,37 +156,63 @@ def check_adapter(run_dir: Path, model_config) -> None:
         )
 
 
-def float_base(config: TrainConfig, base: str, dtype: torch.dtype, device, quantized=None):
-    """The base in `dtype`: the checkpoint's weights ('original') or, for 'dequantized', the checkpoint with
-    every 4-bit linear layer replaced by its NF4 weights dequantized. `quantized` is the 4-bit model loaded
-    exactly as in training (models.load_base with the run's compute dtype); loaded here when not given."""
-    path, remote = resolve_model(config.model), config.trust_remote_code
-    model = load_base(path, load_in_4bit=False, dtype=dtype, device=device, trust_remote_code=remote)
-    if base == "dequantized":
-        if quantized is None:
-            quantized = load_base(path, True, compute_dtype(config.dtype, device), device, remote)
-        dequantize_into(model, quantized)
+def to_fp32_compute(model) -> None:
+    """Compute in fp32 on the weights as trained. The base is loaded in the run's compute dtype, so its 4-bit
+    codes and scales are the ones training used; then 4-bit layers compute in fp32, dequantize to fp32 (in
+    their forward and in PreTrainedModel.dequantize alike: both follow quant_state.dtype or the input's dtype)
+    and every float tensor is widened, exactly. A run that computed in bf16 is the same model without bf16's
+    rounding of weights and activations."""
+    for module in model.modules():
+        if hasattr(module, "compute_dtype"):  # bitsandbytes Linear4bit
+            module.compute_dtype = torch.float32
+            module.weight.quant_state.dtype = torch.float32
+        for _, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != torch.float32:  # 4-bit codes are uint8: untouched
+                param.data = param.data.float()  # in place on the Parameter: a tied head stays tied
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                module._buffers[name] = buf.float()
+
+
+def load_trained(run_dir: Path, config: TrainConfig, device: torch.device):
+    """The run's model: its base loaded as training loads it (4-bit NF4 or float, the run's dtype), its
+    adapter on top (peft), computing in fp32. The reference every dtype is measured against."""
+    from peft import PeftModel
+
+    base = load_base(resolve_model(config.model), config.load_in_4bit, compute_dtype(config.dtype, device), device,
+                     config.trust_remote_code)
+    check_adapter(run_dir, base.config)
+    to_fp32_compute(base)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False)
+    model.eval()  # safe on the CPU: load_base switched bitsandbytes' repacking off (docs/pitfalls.md, 13)
     return model
 
 
-def with_adapter(model, run_dir: Path):
+def merge_exact(trained, run_dir: Path):
+    """The trained model's weights merged in fp32, in place: the LoRA layers are taken out, the 4-bit base is
+    dequantized (transformers' PreTrainedModel.dequantize; no second copy of the model is loaded) and the
+    adapter is added back by peft's merge_and_unload, W + s B A in fp32. A tied head must stay tied."""
     from peft import PeftModel
 
-    check_adapter(run_dir, model.config)
-    peft_model = PeftModel.from_pretrained(model, run_dir / "adapter", is_trainable=False)
-    peft_model.eval()
-    return peft_model
-
-
-def merge_adapter(peft_model):
-    """peft's merge_and_unload in the base's float dtype; a tied head must still be the embedding matrix."""
-    merged = peft_model.merge_and_unload()
+    base = trained.unload()
+    if getattr(base, "hf_quantizer", None) is not None:
+        base = base.dequantize(dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False).merge_and_unload()
     if getattr(merged.config, "tie_word_embeddings", False):
         head, embed = merged.get_output_embeddings(), merged.get_input_embeddings()
         if head is not None and head.weight is not embed.weight:
             raise QbcoError("after merging, lm_head is no longer tied to embed_tokens; refusing to save a broken model")
+    merged.requires_grad_(False)
     merged.eval()
     return merged
+
+
+def cast_copy(model, dtype: torch.dtype):
+    """A copy of `model` with every floating parameter in `dtype` (rounded once from fp32). A tied parameter
+    is one object, so it is cast once and the copy's head stays tied; buffers are copied as they are."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            for p in model.parameters() if p.is_floating_point()}
+    return copy.deepcopy(model, memo)
 
 
 def _release() -> None:
@@ -247,7 +222,55 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-# ---------------------------------------------------------------- saving and verifying
+# ---------------------------------------------------------------- memory
+
+
+@dataclass
+class MergeMemory:
+    """What a merge holds at its peak, from the model's config (docs/pitfalls.md, 11): the trained model (4-bit base
+    computing in fp32), the fp32 merged model, and OUT reloaded for the check (with a cast copy while saving)."""
+
+    device: torch.device
+    trained_bytes: float
+    merged_bytes: float
+    narrow_bytes: float  # a bf16 / fp16 copy of the model (0 when none is tried)
+    out_bytes: float  # OUT reloaded in the widest dtype tried
+
+    @property
+    def device_peak(self) -> float:
+        if self.device.type == "cuda":  # the merged fp32 model moves to RAM once built
+            return max(self.trained_bytes, self.merged_bytes, self.out_bytes)
+        return max(self.trained_bytes, self.merged_bytes + self.narrow_bytes, self.out_bytes)
+
+    @property
+    def ram_peak(self) -> float:
+        return self.merged_bytes + self.narrow_bytes if self.device.type == "cuda" else self.device_peak
+
+    def line(self) -> str:
+        where = (f"~{_size(self.device_peak)} on {self.device}, ~{_size(self.ram_peak)} of RAM"
+                 if self.device.type == "cuda" else f"~{_size(self.ram_peak)} of RAM")
+        hint = "; --device cpu needs no GPU memory" if self.device.type == "cuda" else ""
+        return (f"merge memory estimate: {where} (trained model {_size(self.trained_bytes)}, fp32 merged model "
+                f"{_size(self.merged_bytes)}, OUT reloaded {_size(self.out_bytes)}){hint}")
+
+
+def _size(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.0f} MiB"
+
+
+def merge_memory(hf_config, config: TrainConfig, candidates: tuple[str, ...], device: torch.device) -> MergeMemory:
+    from qbco.memory import estimate
+
+    counts = estimate(hf_config, config, 4)
+    params, linear = counts.base_params, counts.linear_params
+    base = linear * NF4_BYTES + (params - linear) * 4 if config.load_in_4bit else params * 4
+    narrow = [DTYPES[d].itemsize for d in candidates if d != "fp32"]
+    widest = max(DTYPES[d].itemsize for d in candidates)
+    return MergeMemory(device, base + counts.lora_params * 4, params * 4.0, params * max(narrow, default=0),
+                       params * float(widest))
+
+
+# ---------------------------------------------------------------- saving and checking
 
 
 def save_merged(model, tokenizer, folder: Path, max_shard_size: str = "2GB") -> None:
@@ -260,29 +283,36 @@ def save_merged(model, tokenizer, folder: Path, max_shard_size: str = "2GB") -> 
     tokenizer.save_pretrained(folder)
 
 
-def verify(folder: Path, rows: list[Encoded], reference: list[torch.Tensor], dtype: torch.dtype, device,
-           adapter_effect: float, trust_remote_code: bool = False) -> Verification:
-    """Reload `folder` with plain transformers (no peft) and compare its logits with `reference`, the float
-    base + adapter logits computed in memory before merging."""
+def measure_saved(folder: Path, rows: list[Encoded], reference: list[torch.Tensor], dtype: str, device,
+                  trust_remote_code: bool = False, done=lambda n: None) -> Gap:
+    """Reload `folder` as a user would (plain transformers, no peft, the dtype it was saved in) and measure
+    its gap to the trained model's log-probs `reference`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    ).to(device)
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                 device_map={"": device})
     model.eval()
-    logits = row_logits(model, rows, device)
+    logps = completion_token_logps(model, rows, device, done)
     del model
     _release()
-    max_abs, mean_abs, positions = logit_gap(logits, reference)
-    scale_max = max(float(r.abs().max()) for r in reference)
-    scale_mean = sum(float(r.abs().sum()) for r in reference) / sum(r.numel() for r in reference)
-    rtol = RTOL[dtype]
-    return Verification(max_abs, mean_abs, rtol * scale_max, rtol * scale_mean, rtol, adapter_effect, len(rows), positions)
+    return gap(dtype, logps, reference)
 
 
-def model_card(run_dir: Path, output: Path, config: TrainConfig, base: str, dtype: str,
-               verification: Verification | None, fid: Fidelity) -> str:
-    """README.md of the merged folder, from the run's config.yaml and metrics.jsonl."""
+def clear_folder(folder: Path) -> None:
+    """Empty the temporary folder of a dtype that missed, before the next one is saved into it."""
+    for path in folder.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def model_card(run_dir: Path, output: Path, config: TrainConfig, result: MergeResult) -> str:
+    """README.md of the merged folder, from the run's config.yaml and metrics.jsonl and the merge's check."""
     hub = hub_id(config.model)
     log = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else Metrics()
     last, ev = log.last_step, log.eval
@@ -290,21 +320,23 @@ def model_card(run_dir: Path, output: Path, config: TrainConfig, base: str, dtyp
     if hub:
         front["base_model"] = hub
     base_text = ("the base's NF4 weights dequantized (the weights the adapter was trained against)"
-                 if base == "dequantized" else "the base's original float weights")
+                 if config.load_in_4bit else "the base's float weights")
+    g = result.gap
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {output.name}: {hub or Path(config.model).name} + BCO adapter, merged",
         "",
         f"Aligned by qbco with BCO (binary classifier optimization, [arXiv:2404.04656](https://arxiv.org/abs/2404.04656)) "
         f"on thumbs-up / thumbs-down feedback: a LoRA adapter trained on a {'4-bit NF4' if config.load_in_4bit else 'float'} base, "
-        f"merged into {base_text}, saved in {dtype}. Loads with plain transformers; no peft needed.",
+        f"merged into {base_text} in fp32, saved in {result.dtype}. Loads with plain transformers; no peft needed.",
         "",
         "| | |", "|---|---|",
         f"| base model | {config.model}{f' ({hub})' if hub and hub != config.model else ''} |",
         f"| data | {config.data} |",
         f"| loss | {config.loss}, beta {config.beta} |",
         f"| LoRA | r {config.lora_r}, alpha {config.lora_alpha}, targets {config.lora_targets} |",
-        f"| merged into | {base} weights, {dtype} |",
+        f"| saved in | {result.dtype} |",
+        f"| gap to the trained model | {g.mean:.3g} nats per completion token (limit {result.max_gap:g}) |",
         f"| run | {run_dir.name} |",
         "",
         "## Final metrics",
@@ -318,16 +350,12 @@ def model_card(run_dir: Path, output: Path, config: TrainConfig, base: str, dtyp
         lines.append("The run recorded no held-out figures.")
     if last:
         lines += ["", f"Last training step {last.get('step')}: loss {_fmt(last.get('loss'))}, delta {_fmt(last.get('delta'))}."]
-    lines += ["", "## Merge check", ""]
-    lines.append(f"- against the trained model (4-bit base + adapter): mean |delta log p| {fid.mean_abs:.3g} nats per "
-                 f"completion token (max {fid.max_abs:.3g}) over {fid.tokens} tokens of {fid.rows} held-out rows")
-    if verification:
-        v = verification
-        lines.append(f"- saved folder against float base + adapter in memory: logits max |diff| {v.max_abs:.3g} "
-                     f"(limit {v.max_limit:.3g}), mean {v.mean_abs:.3g} (limit {v.mean_limit:.3g}) over {v.positions} "
-                     f"positions of {v.rows} rows; the adapter itself moves logits by {v.adapter_effect:.3g} on average")
-    else:
-        lines.append("- the reload check was skipped (--no-verify)")
+    lines += ["", "## Merge check", "",
+              f"This folder, reloaded with plain transformers in {result.dtype}, against the trained model (its 4-bit "
+              f"base + adapter, computing in fp32): mean |delta log p| {g.mean:.3g} nats per completion token (max "
+              f"{g.max:.3g}) over {g.tokens} tokens of {g.rows} held-out rows; the limit is {result.max_gap:g}.", "",
+              "| dtype | mean \\|delta log p\\| per token | max |", "|---|---|---|"]
+    lines += [f"| {t.dtype} | {t.mean:.3g} | {t.max:.3g} |" for t in result.tried]
     lines += [
         "", "## Training config", "", "```yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).strip(), "```",
         "", "## Use", "", "```python",
@@ -347,7 +375,8 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def check_output(output: Path, run_dir: Path, overwrite: bool) -> None:
+def check_merge_output(output: Path, run_dir: Path, overwrite: bool) -> None:
+    """OUT must not be the run, and replacing it needs --overwrite and a folder that holds a model."""
     out, run = output.resolve(), run_dir.resolve()
     if out == run or run.is_relative_to(out) or out.is_relative_to(run / "adapter"):
         raise QbcoError(f"{output} would overwrite the run itself; choose another folder")
@@ -360,115 +389,93 @@ def check_output(output: Path, run_dir: Path, overwrite: bool) -> None:
             raise QbcoError(f"{output} is not a model folder (no config.json); refusing to replace it, remove it yourself")
 
 
-# ---------------------------------------------------------------- the two entry points
+def _miss(asked: str, tried: list[Gap], max_gap: float) -> QbcoError:
+    """The one-line refusal: what missed, by how much, and the dtype that passes if one does."""
+    passing = next((t for t in tried if passes(t, max_gap)), None)
+    first = tried[0]
+    if asked != "auto" and passing is not None:
+        return QbcoError(
+            f"--dtype {asked} moves the merged model {first.mean:.3g} nats per token from the trained one (limit "
+            f"{max_gap:g}); {passing.dtype} passes ({passing.mean:.3g}): use --dtype {passing.dtype} or --dtype auto; nothing was written"
+        )
+    figures = ", ".join(f"{t.dtype} {t.mean:.3g}" for t in tried)
+    return QbcoError(
+        f"no dtype keeps the merged model within {max_gap:g} nats per token of the trained one ({figures}); "
+        "nothing was written (--max-gap sets the limit)"
+    )
 
 
-def merge(run_dir: str | Path, output: str | Path, base: str = DEFAULT_BASE, dtype: str = "bf16",
-          verify_output: bool = True, overwrite: bool = False, device: torch.device | None = None,
-          log=print) -> MergeResult:
-    """Merge RUN's adapter into float weights, save a Hugging Face folder at `output`, verify it.
+# ---------------------------------------------------------------- the entry point
 
-    Everything is written into a temporary folder next to `output` and renamed at the end: an interrupted
-    or failed merge leaves nothing that looks finished.
+
+def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap: float = DEFAULT_MAX_GAP,
+          overwrite: bool = False, device: str | torch.device | None = None, log=print, progress=None) -> MergeResult:
+    """Merge RUN's adapter in fp32, save OUT in `dtype` (auto: the smallest within `max_gap`), check it.
+
+    Every dtype is measured on the saved folder itself, reloaded. Everything is written into a temporary
+    folder next to `output` and renamed at the end: a failed check or an interrupted merge leaves no OUT.
+    `progress` (the CLI's rich Progress, or None) shows the measuring of the trained model and of each dtype.
     """
-    run_dir, output = Path(run_dir), Path(output)
-    torch_dtype = merge_dtype(dtype)
-    check_base(base)
-    check_output(output, run_dir, overwrite)
-    device = device or default_device()
+    from qbco.progress import Wait
 
-    # The trained model exactly as it was trained (4-bit base + adapter): the reference for fidelity.
-    config, tokenizer, trained = load_run(run_dir, device)
-    rows, notes = held_out_rows(config, tokenizer, VERIFY_ROWS)
+    run_dir, output = Path(run_dir), Path(output)
+    candidates = dtype_candidates(dtype)
+    if not max_gap > 0:
+        raise QbcoError(f"--max-gap must be > 0 nats per token (got {max_gap})")
+    check_merge_output(output, run_dir, overwrite)
+    device = merge_device(device)
+    config = read_run(run_dir)
+    path = resolve_model(config.model)
+    from transformers import AutoConfig
+
+    try:
+        estimate = merge_memory(AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code), config,
+                                candidates, device)
+    except (OSError, AttributeError, TypeError):  # an unreachable hub config (load_base says so) or not llama-style
+        estimate = None
+    if estimate is not None:
+        log(estimate.line())
+        if device.type == "cuda" and estimate.device_peak > torch.cuda.mem_get_info(device)[0]:
+            log(f"note: {device} has {_size(torch.cuda.mem_get_info(device)[0])} free; --device cpu merges in RAM")
+
+    tokenizer = load_tokenizer(str(run_dir / "adapter"))
+    trained = load_trained(run_dir, config, device)
+    rows, notes = held_out_rows(config, tokenizer, CHECK_ROWS)
     for note in notes:
         log(note)
-    trained_logps = per_token_logps(trained, rows, device)
-    if base == "dequantized" and not config.load_in_4bit:
-        notes.append("the run trained on a float base (--no-4bit): 'dequantized' is the same as 'original'")
-        log(notes[-1])
-    kind = base if config.load_in_4bit else "original"
-    # The 4-bit model just loaded is the one training used; its weights are what 'dequantized' needs.
-    model = float_base(config, kind, torch_dtype, device, quantized=trained if kind == "dequantized" else None)
+    reference = completion_token_logps(trained, rows, device, Wait(progress, "measuring the trained model", len(rows)))
+    log(f"trained model measured on {len(rows)} held-out rows; merging in fp32")
+    merged = merge_exact(trained, run_dir)
     del trained
+    if device.type == "cuda":
+        merged.to("cpu")  # the fp32 master waits in RAM while each dtype is saved and checked on the GPU
     _release()
-    model = with_adapter(model, run_dir)
-    reference, adapter_effect = None, 0.0
-    if verify_output:
-        reference = row_logits(model, rows, device)
-        with model.disable_adapter():
-            adapter_effect = logit_gap(row_logits(model, rows, device), reference)[1]
-    merged = merge_adapter(model)
-    fid = fidelity(per_token_logps(merged, rows, device), trained_logps)
-    trained_dtype = compute_dtype(config.dtype, device)
-    if torch_dtype != trained_dtype:
-        trained_name = {v: k for k, v in MERGE_DTYPES.items()}[trained_dtype]
-        notes.append(f"the trained model computes in {trained_name}: part of the gap to it is {dtype} rounding "
-                     f"(--dtype {trained_name} avoids it)")
-        log(notes[-1])
 
+    tried: list[Gap] = []
+    chosen = None
     with atomic_folder(output) as tmp:
-        save_merged(merged, tokenizer, tmp)
-        del merged, model
-        _release()
-        check = None
-        if verify_output:
-            check = verify(tmp, rows, reference, torch_dtype, device, adapter_effect, config.trust_remote_code)
-            if not check.ok:
-                raise QbcoError(
-                    f"verification failed: the saved model's logits differ from base + adapter by up to "
-                    f"{check.max_abs:.3g}, {check.mean_abs:.3g} on average (limits {check.max_limit:.3g} and "
-                    f"{check.mean_limit:.3g} for {dtype}); nothing was written to {output} (--no-verify writes it anyway)"
-                )
-            if not check.adapter_visible:
-                notes.append(f"the adapter moves logits by only {check.adapter_effect:.2g} on average, below the "
-                             f"{dtype} check's limit {check.mean_limit:.2g}: a dropped adapter would pass; "
-                             "--dtype fp32 checks more strictly")
-                log(notes[-1])
-        (tmp / "README.md").write_text(model_card(run_dir, output, config, kind, dtype, check, fid), encoding="utf-8")
-        info = {"run": str(run_dir.resolve()), "model": config.model, "base": kind, "dtype": dtype,
-                "trust_remote_code": config.trust_remote_code,
-                "verification": asdict(check) if check else None, "fidelity": asdict(fid)}
+        for name in candidates:
+            # fp32 is always the last to try: the merged model itself is saved and then let go before the
+            # reload; a narrower dtype is saved from a cast copy, keeping the fp32 model for the next one.
+            out_model = merged if name == "fp32" else cast_copy(merged, DTYPES[name])
+            save_merged(out_model, tokenizer, tmp)
+            del out_model
+            if name == "fp32":
+                merged = None
+            _release()
+            tried.append(measure_saved(tmp, rows, reference, name, device, config.trust_remote_code,
+                                       Wait(progress, f"measuring the saved {name} model", len(rows))))
+            log(f"{name}: {tried[-1].mean:.3g} nats per token from the trained model (limit {max_gap:g})")
+            if passes(tried[-1], max_gap):
+                chosen = tried[-1]
+                break
+            clear_folder(tmp)
+        if chosen is None or (dtype != "auto" and chosen.dtype != dtype):
+            raise _miss(dtype, tried, max_gap)
+        result = MergeResult(output, chosen.dtype, chosen, tried, max_gap, folder_bytes(tmp), notes)
+        (tmp / "README.md").write_text(model_card(run_dir, output, config, result), encoding="utf-8")
+        info = {"run": str(run_dir.resolve()), "model": config.model, "base": "dequantized" if config.load_in_4bit else "float",
+                "dtype": result.dtype, "max_gap": max_gap, "gap": asdict(result.gap), "tried": [asdict(t) for t in tried],
+                "trust_remote_code": config.trust_remote_code}
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return MergeResult(output, kind, dtype, check, fid, notes)
-
-
-def measure_bases(run_dir: str | Path, dtype: str = "fp32", limit: int = MEASURE_ROWS,
-                  device: torch.device | None = None) -> dict:
-    """How far each merge option is from the trained model (4-bit base + adapter), per completion token of
-    up to `limit` held-out rows, in nats; also how far each float base is from the 4-bit base with the
-    adapter off. The figures in docs/merge.md come from here."""
-    run_dir = Path(run_dir)
-    torch_dtype = merge_dtype(dtype)
-    device = device or default_device()
-    config, tokenizer, trained = load_run(run_dir, device)
-    if not config.load_in_4bit:
-        raise QbcoError(f"{run_dir} trained on a float base (--no-4bit): both merge options are the same")
-    rows, notes = held_out_rows(config, tokenizer, limit)
-    trained_logps = per_token_logps(trained, rows, device)
-    with trained.disable_adapter():
-        base4_logps = per_token_logps(trained, rows, device)
-    result: dict = {"run": str(run_dir), "dtype": dtype, "rows": len(rows),
-                    "tokens": sum(t.numel() for t in trained_logps), "notes": notes}
-    for kind in BASES:
-        model = with_adapter(float_base(config, kind, torch_dtype, device, quantized=trained), run_dir)
-        with model.disable_adapter():
-            base_gap = fidelity(per_token_logps(model, rows, device), base4_logps)
-        merged = merge_adapter(model)
-        merged_logps = per_token_logps(merged, rows, device)
-        merged_gap = fidelity(merged_logps, trained_logps)
-        row_gap = torch.tensor([float((m.sum() - t.sum()).abs()) for m, t in zip(merged_logps, trained_logps)])
-        result[kind] = {
-            "merged_vs_trained_mean": merged_gap.mean_abs, "merged_vs_trained_max": merged_gap.max_abs,
-            "merged_vs_trained_row_sum_mean": float(row_gap.mean()),
-            "base_vs_4bit_base_mean": base_gap.mean_abs, "base_vs_4bit_base_max": base_gap.max_abs,
-        }
-        del model, merged
-        _release()
-    result["adapter_effect_mean"] = fidelity(trained_logps, base4_logps).mean_abs
     return result
-
-
-if __name__ == "__main__":  # python -m qbco.merge RUN [DTYPE]: the figures of docs/merge.md
-    import sys
-
-    print(json.dumps(measure_bases(sys.argv[1], *sys.argv[2:3]), indent=2))

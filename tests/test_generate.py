@@ -24,7 +24,7 @@ def folders(tmp_path_factory, tiny_run):
     """(run, merged folder): 4 steps of BCO on a 4-bit base, merged in fp32 into the dequantized base."""
     folder = tmp_path_factory.mktemp("generate")
     run = tiny_run
-    merged = merge(run, folder / "merged", dtype="fp32", verify_output=False, device=CPU, log=lambda message: None).output
+    merged = merge(run, folder / "merged", dtype="fp32", device=CPU, log=lambda message: None).output
     return run, merged
 
 

@@ -122,3 +122,18 @@ def test_the_one_time_conversion_is_one_qbco_line(tmp_path, monkeypatch, capfd):
     assert len(lines) == 1 and lines[0].startswith("converting HuggingFaceTB/SmolLM2-135M-Instruct")
     assert capfd.readouterr().err == ""  # no bar of gguf's or transformers'
     assert resolve_model("smollm2-135m", log=lines.append) == folder and len(lines) == 1  # converted once
+
+
+def test_qbco_merge_shows_its_measuring(tmp_path, tiny_run):
+    """A merge measures the trained model on the held-out rows, then each saved dtype it tries: one bar each,
+    moved row by row to the number of rows the result says were checked."""
+    from qbco.merge import merge
+
+    sink = Recorder()
+    result = merge(tiny_run, tmp_path / "out", dtype="fp32", progress=sink, log=lambda m: None)
+    assert [t["description"] for t in sink.tasks] == ["measuring the trained model", "measuring the saved fp32 model"]
+    for task in sink.tasks:
+        assert task["total"] == result.gap.rows and task["completed"] == list(range(0, result.gap.rows + 1))
+    shown = runner.invoke(app, ["merge", str(tiny_run), "-o", str(tmp_path / "cli"), "--dtype", "fp32"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "measuring the trained model" in shown.output and "measuring the saved fp32 model" in shown.output
