@@ -137,7 +137,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap every candidate's steps (a quick screen)")
+    parser.add_argument("--doc-only", action="store_true", help="only rewrite the doc and the plot from OUT/results.json")
     args = parser.parse_args()
+    if args.doc_only:
+        results = json.loads((args.out / "results.json").read_text())
+        ordered = [results[n] for n in CANDIDATES if n in results]
+        plot_curves(ordered, args.doc.parent / "answers.png")
+        write_doc(ordered, args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
