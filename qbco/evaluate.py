@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from qbco import calibration as calib
 from qbco import metrics
 from qbco.data import Example, encode_all, load_feedback, prompt_pairs, rows_to_examples
 from qbco.errors import QbcoError
@@ -101,17 +102,24 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
 
     labels = torch.tensor([e.label for e in examples])
     tokens = torch.tensor([len(e.completion_ids) for e in encoded])
+    rewards = implicit_rewards(policy, reference, config.beta)
+    margins = metrics.margins(rewards, delta).numpy()
+    calibration = calibrate_or_load(run_dir, data, margins, labels.numpy(), described)
+    calibrated = calibration.p_up(margins)
     report = {
         "run": str(run_dir),
         "data": described,
         "loss": config.loss,
         "beta": config.beta,
         "delta": delta,
-        "p_up": "sigmoid(r - delta), r = beta * (log pi_theta - log pi_ref) summed over completion tokens",
+        "p_up": "sigmoid(a (r - delta) + b) with the run's calibration; r = beta * (log pi_theta - log pi_ref) "
+                "summed over completion tokens; the binary figures are those of sigmoid(r - delta)",
+        "calibration": {**calibration.to_dict(), "fit_on_these_rows": data is None},
         "truncated_completions": sum(e.completion_cut for e in encoded),
         "overall": metrics.all_figures(policy, reference, labels, tokens, pairs, config.beta, delta),
         "slices": None,
     }
+    report["overall"]["binary"]["calibrated"] = calib.figures(calibrated, labels.numpy())
     if slice_by is not None:
         values = {}
         for value, idx in metrics.slice_indices([e.extra.get(slice_by) for e in examples]).items():
@@ -119,20 +127,25 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
             values[value] = metrics.all_figures(
                 policy[ix], reference[ix], labels[ix], tokens[ix], metrics.subset(idx, pairs), config.beta, delta
             )
+            values[value]["binary"]["calibrated"] = calib.figures(calibrated[idx], labels[ix].numpy())
         report["slices"] = {"column": slice_by, "values": values}
 
     out = eval_folder(run_dir, data, described)
     binary = report["overall"]["binary"]
-    rewards = implicit_rewards(policy, reference, config.beta)
+    after = binary["calibrated"] if calibration.method != "identity" else None
     probs = metrics.p_up(rewards, delta).tolist()
     with atomic_folder(out) as tmp:  # a rerun on the same rows replaces its own folder whole, never another's
-        reliability_diagram(binary["reliability"], binary["ece"], tmp / "reliability.png", f"{run_dir.name}: {described}")
+        reliability_diagram(binary["reliability"], binary["ece"], tmp / "reliability.png", f"{run_dir.name}: {described}",
+                            after=after and (after["reliability"], after["ece"], report["calibration"]["fit_on_these_rows"]))
         with open(tmp / "scores.jsonl", "w", encoding="utf-8") as f:
-            for e, r, p, pol, ref, n in zip(examples, rewards.tolist(), probs, policy.tolist(), reference.tolist(), tokens.tolist()):
-                f.write(json.dumps({"source": e.source, "label": e.label, "reward": r, "p_up": p, "policy_logp": pol,
-                                    "reference_logp": ref, "completion_tokens": n}) + "\n")
+            for e, r, p, c, pol, ref, n in zip(examples, rewards.tolist(), probs, calibrated.tolist(), policy.tolist(),
+                                               reference.tolist(), tokens.tolist()):
+                f.write(json.dumps({"source": e.source, "label": e.label, "reward": r, "p_up": c, "p_up_uncalibrated": p,
+                                    "policy_logp": pol, "reference_logp": ref, "completion_tokens": n}) + "\n")
         _write_json(tmp / "metrics.json", report)
     report["files"] = [str(out / n) for n in ("metrics.json", "reliability.png", "scores.jsonl")]
+    if data is None:
+        report["files"].append(str(calib.save(run_dir, calibration)))
     return report
 
 
@@ -148,6 +161,15 @@ def eval_folder(run_dir: Path, data: str | None, described: str) -> Path:
         n += 1
         folder = run_dir / f"eval-{slug}-{n}"
     return folder
+
+
+def calibrate_or_load(run_dir: Path, data: str | None, margins, labels, described: str) -> calib.Calibration:
+    """On the run's own held-out rows (no --data) the Platt scale is fit again (evaluate stores it in
+    RUN/calibration.json once RUN/eval/ is written; a run trained before qbco calibrated gets one this way); on
+    other rows the stored one is applied, so its 'after' figures are measured on rows it did not see."""
+    if data is None:
+        return calib.calibrate(margins, labels, described)
+    return calib.load(run_dir)
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -181,6 +203,8 @@ def _rows(figures: dict) -> list[tuple[str, str]]:
         ("log-loss (BCE of p, nats)", _f(b["log_loss"], 4)),
         ("Brier score", _f(b["brier"], 4)),
         ("ECE (10 bins)", _f(b["ece"], 4)),
+        ("ECE, calibrated p_up", _f(b["calibrated"]["ece"], 4)),
+        ("log-loss, calibrated p_up", _f(b["calibrated"]["log_loss"], 4)),
         ("BCO loss (per-class means)", _f(b["bco_loss"], 4)),
     ]
     if p:
@@ -208,7 +232,10 @@ def summary_table(report: dict):
     columns = {"all": report["overall"]}
     if report["slices"]:
         columns.update({f"{report['slices']['column']}={v}": f for v, f in report["slices"]["values"].items()})
-    table = Table(title=f"qbco eval: {report['run']}\n{report['data']}; {report['loss']}, beta {report['beta']}, delta {report['delta']:+.4f}")
+    cal = report["calibration"]
+    seen = " (fit on these rows: 'calibrated' is optimistic)" if cal["fit_on_these_rows"] and cal["method"] != "identity" else ""
+    table = Table(title=f"qbco eval: {report['run']}\n{report['data']}; {report['loss']}, beta {report['beta']}, delta {report['delta']:+.4f}"
+                        f"\ncalibration: {calib.Calibration.from_dict(cal).describe()}{seen}")
     table.add_column("figure")
     for name in columns:
         table.add_column(name, justify="right")
