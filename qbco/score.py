@@ -52,8 +52,9 @@ class Scorer:
 
     def __init__(self, tokenizer, model, *, beta: float, delta: float, calibration: calib.Calibration,
                  max_prompt_length: int, max_completion_length: int, batch_size: int = 8, chunk: int | None = None,
-                 reference_model=None, device: torch.device | None = None, kind: str = "run"):
+                 reference_model=None, device: torch.device | None = None, kind: str = "run", config=None):
         self.tokenizer, self.model, self.reference_model = tokenizer, model, reference_model
+        self.config = config  # the run's TrainConfig, when loaded from a run (or a merged folder's run)
         self.beta, self.delta, self.calibration = beta, delta, calibration
         self.max_prompt_length, self.max_completion_length = max_prompt_length, max_completion_length
         self.batch_size, self.chunk, self.kind = batch_size, chunk, kind
@@ -80,7 +81,7 @@ class Scorer:
         config, tokenizer, model = load_run(path, device)  # a folder without adapter/ is a one-line error
         return cls(tokenizer, model, beta=config.beta, delta=run_delta(path, config), calibration=calib.load(path),
                    max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
-                   batch_size=batch_size or config.batch_size, chunk=config.logprob_chunk, device=device,
+                   batch_size=batch_size or config.batch_size, chunk=config.logprob_chunk, device=device, config=config,
                    kind=f"run: {'4-bit' if config.load_in_4bit else 'float'} base + adapter; reference: adapter off")
 
     @classmethod
@@ -110,7 +111,7 @@ class Scorer:
         return cls(load_tokenizer(str(folder), remote), model, beta=config.beta, delta=run_delta(run_dir, config),
                    calibration=calib.load(run_dir), max_prompt_length=config.max_prompt_length,
                    max_completion_length=config.max_completion_length, batch_size=batch_size or config.batch_size,
-                   chunk=config.logprob_chunk, reference_model=reference_model, device=device,
+                   chunk=config.logprob_chunk, reference_model=reference_model, device=device, config=config,
                    kind=f"merged folder; reference: {meta.get('model')}, {base} weights")
 
     # ------------------------------------------------------------ scoring
@@ -217,10 +218,7 @@ def score_file(target: str | Path, data: str, output: str | Path, batch_size: in
     examples, described = read_rows_to_score(data)
     scorer = Scorer.load(target, batch_size=batch_size)
     log(f"{len(examples)} rows of {described}; {scorer.kind}; calibration: {scorer.calibration.describe()}")
-    from qbco.config import load_run_config
-
-    run_dir = _run_dir(Path(target).expanduser())
-    held = held_out_sources(data, load_run_config(run_dir / "config.yaml"))
+    held = held_out_sources(data, scorer.config)
     encoded = scorer.encode_examples(examples)
     from qbco.progress import Wait
 
@@ -241,20 +239,13 @@ def score_file(target: str | Path, data: str, output: str | Path, batch_size: in
             files.append(summary_path(output))
         for tmp, dst in zip(temps, files):
             os.replace(tmp, dst)
+        if overwrite and not summary["figures"]:
+            summary_path(output).unlink(missing_ok=True)  # a replaced OUTPUT's summary would describe other rows
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
     summary["files"] = [str(f) for f in files]
     return summary
-
-
-def _run_dir(target: Path) -> Path:
-    """The run a target's beta, delta and calibration come from: itself, or a merged folder's run."""
-    from qbco.merge import MERGE_INFO
-
-    if (target / "config.yaml").is_file():
-        return target
-    return Path(json.loads((target / MERGE_INFO).read_text(encoding="utf-8"))["run"])
 
 
 def labelled_figures(scores: Scores, labels: list, delta: float, index: list[int]) -> dict | None:

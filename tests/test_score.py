@@ -105,7 +105,9 @@ def test_score_equals_eval_and_an_independent_computation(tiny_run, rows_file, t
 
     # With labels, the summary of qbco eval on these rows; the figures match eval's.
     summary = json.loads((tmp_path / "scored.summary.json").read_text())
-    report = json.loads((tiny_run / "eval" / "metrics.json").read_text())["overall"]["binary"]
+    full = json.loads((tiny_run / "eval" / "metrics.json").read_text())
+    assert full["calibration"]["fit_on_these_rows"] is False and full["calibration"]["a"] == cal["a"]  # applied, not refit
+    report = full["overall"]["binary"]
     figures = summary["figures"]["all"]
     for key in ("roc_auc", "ece", "log_loss"):
         assert figures[key] == pytest.approx(report[key], abs=1e-6)
@@ -159,7 +161,7 @@ def test_score_marks_the_runs_held_out_rows_and_reads_unlabelled_rows(tiny_run, 
     assert not (tmp_path / "new.summary.json").exists()
 
 
-def test_score_mistakes_are_one_line_errors_that_write_nothing(tiny_run, rows_file, tmp_path):
+def test_score_mistakes_are_one_line_errors_that_write_nothing(tiny_run, tiny_model_dir, rows_file, tmp_path):
     no_completion = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "question q1 ?", "completion": "good answer a1 ."},
                                                          {"prompt": "question q2 ?", "label": True}])
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "question q1 ?", "completion": " "}])
@@ -169,20 +171,22 @@ def test_score_mistakes_are_one_line_errors_that_write_nothing(tiny_run, rows_fi
     existing = tmp_path / "existing.jsonl"
     existing.write_text("keep me\n")
     out = tmp_path / "out.jsonl"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     for args, needle in (
         ([tiny_run, "--data", no_completion, "-o", out], "row 2: missing column(s) completion"),
         ([tiny_run, "--data", empty, "-o", out], "row 1, column completion: empty"),
         ([no_adapter, "--data", rows_file, "-o", out], "not a finished qbco run"),
         ([tmp_path / "nowhere", "--data", rows_file, "-o", out], "not a finished qbco run"),
+        ([tiny_model_dir, "--data", rows_file, "-o", out], "without qbco_merge.json, so its reference (the base) is unknown"),
         ([tiny_run, "--data", "nope", "-o", out], "neither a file nor a registered dataset"),
         ([tiny_run, "--data", rows_file, "-o", existing], "exists; pass --overwrite"),
         ([tiny_run, "--data", rows_file, "-o", rows_file, "--overwrite"], "would replace the input"),
         ([tiny_run, "--data", rows_file, "-o", out, "--batch-size", "0"], "--batch-size must be >= 1"),
     ):
-        result = runner.invoke(app, ["score", *map(str, args)])
+        result = runner.invoke(app, ["score", *map(str, args)], env={"COLUMNS": "400"})
         assert result.exit_code == 2 and needle in " ".join(result.output.split()), result.output
-        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2, result.output
-        assert not out.exists() and not (tmp_path / "out.summary.json").exists()
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
     assert existing.read_text() == "keep me\n"
 
 
