@@ -80,7 +80,7 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
         if held_out:
             metrics.write({"split": "eval", "step": run.total_steps, "delta": run.shift.delta, **held_out})
     save_adapter(run.model, run.tokenizer, out / "adapter", run.shift)
-    calibration = calibrate_run(out, margins, [e.label for e in run.eval_rows], f"the held-out part of {config.data}")
+    calibration = calibrate_run(out, margins, [e.label for e in run.eval_rows], f"held-out part of {config.data}")
     return RunResult(output=out, steps=run.total_steps, elapsed_s=elapsed,
                      tokens_per_s=tokens / (time.perf_counter() - run.started) if tokens else 0.0,
                      final_loss=loss, peak_memory_mb=peak_memory_mb(run.device), eval=held_out,

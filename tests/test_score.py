@@ -92,7 +92,7 @@ def test_score_equals_eval_and_an_independent_computation(tiny_run, rows_file, t
     shift = json.loads((tiny_run / "adapter" / "reward_shift.json").read_text())
     delta = (shift["mu_up"] + shift["mu_down"]) / 2
     cal = json.loads((tiny_run / "calibration.json").read_text())
-    assert cal["method"] == "platt" and cal["fit_on"].startswith("the held-out part of")
+    assert cal["method"] == "platt" and cal["fit_on"].startswith("held-out part of")
     for s, (policy, reference, reward) in zip(scored, full_logits_rewards(tiny_run, rows)):
         e = evaluated[s["source"]]
         assert s["reward"] == pytest.approx(e["reward"], abs=1e-6) and s["p_up"] == pytest.approx(e["p_up"], abs=1e-6)
