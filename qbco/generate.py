@@ -202,18 +202,23 @@ def pick_best(rewards) -> int:
 
 @torch.no_grad()
 def sample_answers(model, tokenizer, prompt, n: int, sampling: Sampling, device) -> list[str]:
-    """n sampled answers to one prompt in one generate call (num_return_sequences), formatted as in training."""
+    """n sampled answers to one prompt in one generate call (num_return_sequences), formatted as in training and
+    stopped at every stop id, as `complete` is."""
     from qbco.data import prompt_text
 
     text, templated = prompt_text(prompt, tokenizer)
     inputs = tokenizer(text, add_special_tokens=not templated, return_tensors="pt").to(device)
+    stops = stop_ids(model, tokenizer)
     torch.manual_seed(sampling.seed)
     out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], do_sample=True,
                          temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, num_return_sequences=n,
                          max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, use_cache=True)
-    start = inputs["input_ids"].shape[1]
-    return [tokenizer.decode(row[start:], skip_special_tokens=True).strip() for row in out]
+                         eos_token_id=stops, use_cache=True)
+    answers = []
+    for row in out[:, inputs["input_ids"].shape[1]:].tolist():  # an answer ends at its first stop id; padding follows
+        end = next((k for k, t in enumerate(row) if t in stops), len(row))
+        answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+    return answers
 
 
 def best_of(target: str | Path, prompts: list, n: int, sampling: Sampling, device: torch.device | None = None,

@@ -88,7 +88,8 @@ def test_score_equals_eval_and_an_independent_computation(tiny_run, rows_file, t
     assert all(s["task"] == "t" and s["label"] == r["label"] for s, r in zip(scored, rows))
 
     invoke("eval", tiny_run, "--data", rows_file)
-    evaluated = {s["source"]: s for s in read_jsonl(tiny_run / "eval" / "scores.jsonl")}
+    eval_dir = tiny_run / f"eval-{rows_file.stem}"  # eval --data FILE writes RUN/eval-NAME/
+    evaluated = {s["source"]: s for s in read_jsonl(eval_dir / "scores.jsonl")}
     shift = json.loads((tiny_run / "adapter" / "reward_shift.json").read_text())
     delta = (shift["mu_up"] + shift["mu_down"]) / 2
     cal = json.loads((tiny_run / "calibration.json").read_text())
@@ -105,7 +106,7 @@ def test_score_equals_eval_and_an_independent_computation(tiny_run, rows_file, t
 
     # With labels, the summary of qbco eval on these rows; the figures match eval's.
     summary = json.loads((tmp_path / "scored.summary.json").read_text())
-    full = json.loads((tiny_run / "eval" / "metrics.json").read_text())
+    full = json.loads((eval_dir / "metrics.json").read_text())
     assert full["calibration"]["fit_on_these_rows"] is False and full["calibration"]["a"] == cal["a"]  # applied, not refit
     report = full["overall"]["binary"]
     figures = summary["figures"]["all"]
