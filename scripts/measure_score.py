@@ -14,7 +14,7 @@ checked by `correct` below: a checker written for this measurement (issue 12 add
 agrees with the demo's own labels on its rows (also in the output).
 
     qbco score RUN --data demo -o scored.jsonl
-    OMP_NUM_THREADS=1 python scripts/measure_score.py RUN --scored scored.jsonl --out figures.json [--per-task 5] [--n 8]
+    OMP_NUM_THREADS=1 python scripts/measure_score.py RUN --scored scored.jsonl --out figures.json [--per-task 5] [--n 8] [--models tuned]
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def fp32_twin(run: Path, quantized):
     return base, tuned
 
 
-def best_of_n(run: Path, scorer4, n: int, per_task: int, temperature: float, top_p: float, max_new_tokens: int, log) -> dict:
+def best_of_n(run: Path, scorer4, n: int, per_task: int, temperature: float, top_p: float, max_new_tokens: int, log,
+              models=("base", "tuned")) -> dict:
     from qbco.data import read_demo
     from qbco.generate import Sampling, pick_best, sample_answers
     from qbco.score import Scorer
@@ -194,7 +195,7 @@ def best_of_n(run: Path, scorer4, n: int, per_task: int, temperature: float, top
     greedy = Sampling(max_new_tokens=max_new_tokens)
     hot = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=0)
     out = {"prompts": len(prompts), "n": n, "sampling": hot.describe(), "twin_reward_gap_max": float(gap.max()), "models": {}}
-    for name, model in (("base", base), ("tuned", tuned)):
+    for name, model in ((name, {"base": base, "tuned": tuned}[name]) for name in models):
         started = time.perf_counter()
         per_prompt = []
         for prompt in prompts:
@@ -234,6 +235,7 @@ def main(argv=None) -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--models", default="base,tuned", help="whose answers: base (adapter off), tuned, or both")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -254,7 +256,8 @@ def main(argv=None) -> None:
     from qbco.score import Scorer
 
     scorer4 = Scorer.load(args.run, torch.device("cpu"))
-    figures["best_of"] = best_of_n(args.run, scorer4, args.n, args.per_task, args.temperature, args.top_p, args.max_new_tokens, log)
+    figures["best_of"] = best_of_n(args.run, scorer4, args.n, args.per_task, args.temperature, args.top_p, args.max_new_tokens, log,
+                                   models=args.models.split(","))
     args.out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     log(f"wrote {args.out}")
 

@@ -236,6 +236,36 @@ def test_best_of_returns_the_arg_max_of_its_candidates_scores(tiny_run, tmp_path
         assert result.exit_code == 2 and needle in " ".join(result.output.split()), result.output
 
 
+def test_best_of_samples_stop_at_every_eos_id_of_the_generation_config(tiny_model_dir):
+    """As `qbco generate`'s answers do (Qwen 2.5 lists two EOS ids): each of the N samples ends at the first
+    stop id of the generation config or the tokenizer, and the padding after it is not part of the answer."""
+    from qbco.models import load_base, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_base(str(tiny_model_dir), False, torch.float32, CPU).eval()
+    sampling = gen.Sampling(max_new_tokens=12, temperature=1.0, seed=5)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "question q3 ?"}], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = eos
+    torch.manual_seed(sampling.seed)  # as sample_answers does: the same draws
+    free = model.generate(torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                          num_return_sequences=3, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)[:, len(prompt_ids):].tolist()
+    first = free[0]
+    k = next(i for i in range(2, len(first)) if first[i] not in first[:i] and first[i] != eos)  # a second stop id
+    assert eos not in first[:k]
+    model.generation_config.eos_token_id = [eos, first[k]]
+
+    answers = gen.sample_answers(model, tokenizer, "question q3 ?", 3, sampling, CPU)
+
+    def cut(row):
+        end = next((i for i, t in enumerate(row) if t in (eos, first[k])), len(row))
+        return tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+
+    assert answers == [cut(row) for row in free]
+    assert len(answers[0].split()) == k < len(first)  # shorter than the sample that ignored the second id
+
+
 def test_a_run_without_held_out_rows_is_calibrated_by_identity_and_says_so(tmp_path, tiny_model_dir, separable_file):
     from qbco.config import build_config
     from qbco.train import train
