@@ -90,6 +90,7 @@ class Scorer:
 
         from qbco.config import load_run_config
         from qbco.evaluate import run_delta
+        from qbco.logprobs import check_against_forward
         from qbco.merge import MERGE_INFO, float_base
         from qbco.models import compute_dtype, load_tokenizer
 
@@ -106,6 +107,7 @@ class Scorer:
         except OSError as err:
             raise QbcoError(f"cannot load the model in {folder}: {err}") from None
         model.to(device).eval()
+        check_against_forward(model)  # as load_base does: a logit transform qbco does not apply is refused (docs/pitfalls.md, 15)
         base = "dequantized" if meta.get("base") == "dequantized" else "original"
         reference_model = float_base(config, base, dtype, device).eval()
         return cls(load_tokenizer(str(folder), remote), model, beta=config.beta, delta=run_delta(run_dir, config),

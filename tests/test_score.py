@@ -203,6 +203,14 @@ def test_a_merged_folder_scores_against_its_base(tiny_run, rows_file, tmp_path):
         assert b["reward"] == pytest.approx(a["reward"], abs=1e-4) and b["p_up"] == pytest.approx(a["p_up"], abs=1e-4)
         assert b["reference_logp"] == pytest.approx(a["reference_logp"], abs=1e-3)
 
+    # A merged folder whose config names a softcap its forward does not apply (llama ignores the key): every
+    # reward would be wrong, so loading refuses it, as load_base refuses a base (docs/pitfalls.md, 15).
+    config = json.loads((merged / "config.json").read_text())
+    (merged / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 0.5}))
+    result = runner.invoke(app, ["score", str(merged), "--data", str(rows_file), "-o", str(tmp_path / "capped.jsonl")])
+    assert result.exit_code == 2 and "own forward" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "capped.jsonl").exists()
+
 
 def test_best_of_returns_the_arg_max_of_its_candidates_scores(tiny_run, tmp_path):
     prompts = ["question q3 ?", [{"role": "user", "content": "question q8 ?"}]]
