@@ -18,6 +18,21 @@ from qbco import calibration as calib
 from qbco.errors import QbcoError
 
 
+def merged_base(config, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The base `qbco merge` merges a run's adapter into (qbco.merge.merge_exact), without the adapter: a 4-bit
+    run's NF4 weights loaded as training loads them and dequantized to fp32, a float run's base widened to
+    fp32; then in `dtype`. The reference of a merged folder: the same weights the merge added the adapter to."""
+    from qbco.merge import to_fp32_compute
+    from qbco.models import compute_dtype, load_base, resolve_model
+
+    base = load_base(resolve_model(config.model), config.load_in_4bit, compute_dtype(config.dtype, device), device,
+                     config.trust_remote_code)
+    to_fp32_compute(base)
+    if getattr(base, "hf_quantizer", None) is not None:
+        base = base.dequantize(dtype=torch.float32)
+    return base.to(dtype).eval()
+
+
 @dataclass
 class Scores:
     """Per-row arrays, in the order the rows were given. Log-probs are sums over completion tokens, in nats."""
@@ -91,7 +106,7 @@ class Scorer:
         from qbco.config import load_run_config
         from qbco.evaluate import run_delta
         from qbco.logprobs import check_against_forward
-        from qbco.merge import MERGE_INFO, float_base
+        from qbco.merge import MERGE_INFO
         from qbco.models import compute_dtype, load_tokenizer
 
         meta = json.loads((folder / MERGE_INFO).read_text(encoding="utf-8"))
@@ -108,13 +123,13 @@ class Scorer:
             raise QbcoError(f"cannot load the model in {folder}: {err}") from None
         model.to(device).eval()
         check_against_forward(model)  # as load_base does: a logit transform qbco does not apply is refused (docs/pitfalls.md, 15)
-        base = "dequantized" if meta.get("base") == "dequantized" else "original"
-        reference_model = float_base(config, base, dtype, device).eval()
+        reference_model = merged_base(config, device, dtype)
         return cls(load_tokenizer(str(folder), remote), model, beta=config.beta, delta=run_delta(run_dir, config),
                    calibration=calib.load(run_dir), max_prompt_length=config.max_prompt_length,
                    max_completion_length=config.max_completion_length, batch_size=batch_size or config.batch_size,
                    chunk=config.logprob_chunk, reference_model=reference_model, device=device, config=config,
-                   kind=f"merged folder; reference: {meta.get('model')}, {base} weights")
+                   kind=f"merged folder; reference: {meta.get('model')}, "
+                        f"{'its NF4 weights dequantized' if config.load_in_4bit else 'its float weights'}")
 
     # ------------------------------------------------------------ scoring
 

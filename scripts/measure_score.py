@@ -158,16 +158,14 @@ def calibration_on_unseen_rows(scored: Path, splits: int) -> dict:
 # ---------------------------------------------------------------- best-of-N
 
 
-def fp32_twin(run: Path, quantized):
-    """(base, tuned): the NF4 weights dequantized to fp32, and a copy with the adapter merged in fp32."""
-    from qbco.config import load_run_config
-    from qbco.merge import float_base, with_adapter
+def fp32_twin(run: Path):
+    """(base, tuned): the NF4 weights dequantized to fp32, and the adapter merged into them in fp32, as
+    `qbco merge` merges (qbco.merge.merge_exact)."""
+    from qbco.merge import load_trained, merge_exact, read_run
+    from qbco.score import merged_base
 
-    config = load_run_config(run / "config.yaml")
-    cpu = torch.device("cpu")
-    base = float_base(config, "dequantized", torch.float32, cpu, quantized=quantized).eval()
-    tuned = with_adapter(float_base(config, "dequantized", torch.float32, cpu, quantized=quantized), run).merge_and_unload().eval()
-    return base, tuned
+    config, cpu = read_run(run), torch.device("cpu")
+    return merged_base(config, cpu), merge_exact(load_trained(run, config, cpu), run)
 
 
 def best_of_n(run: Path, scorer4, n: int, per_task: int, temperature: float, top_p: float, max_new_tokens: int, log,
@@ -177,7 +175,7 @@ def best_of_n(run: Path, scorer4, n: int, per_task: int, temperature: float, top
     from qbco.score import Scorer
 
     items = demo_items()
-    base, tuned = fp32_twin(run, scorer4.model)
+    base, tuned = fp32_twin(run)
     tok, cpu = scorer4.tokenizer, torch.device("cpu")
     twin = Scorer(tok, tuned, beta=scorer4.beta, delta=scorer4.delta, calibration=scorer4.calibration,
                   max_prompt_length=scorer4.max_prompt_length, max_completion_length=scorer4.max_completion_length,

@@ -194,7 +194,7 @@ def test_score_mistakes_are_one_line_errors_that_write_nothing(tiny_run, tiny_mo
 def test_a_merged_folder_scores_against_its_base(tiny_run, rows_file, tmp_path):
     """A folder written by qbco merge (fp32, into the dequantized base): its reference is that base, and its
     rewards are the run's (the same model up to rounding)."""
-    merged = merge(tiny_run, tmp_path / "merged", dtype="fp32", verify_output=False, device=CPU, log=lambda m: None).output
+    merged = merge(tiny_run, tmp_path / "merged", dtype="fp32", device=CPU, log=lambda m: None).output
     invoke("score", tiny_run, "--data", rows_file, "-o", tmp_path / "run.jsonl")
     result = invoke("score", merged, "--data", rows_file, "-o", tmp_path / "merged.jsonl")
     assert "merged folder" in result.output
