@@ -175,6 +175,7 @@ def train(
             ("allocator", active()),
             ("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-"),
             ("held-out reward accuracy", f"{result.eval['eval_reward_accuracy']:.3f}" if result.eval else "no held-out rows"),
+            ("calibration (calibration.json)", result.calibration.describe() if result.calibration else "-"),
         ]
         rows += _task_success_rows(result.output)
         for name, value in rows:
@@ -282,6 +283,28 @@ def eval_(
 
 
 @app.command()
+def score(
+    target: Path = typer.Argument(..., help="A finished run folder (config.yaml, adapter/), or a folder written by qbco merge (its qbco_merge.json names the base, the reference)."),
+    data: str = typer.Option(..., help="Rows to score: a .jsonl/.json/.csv/.tsv/.parquet file with prompt, completion (label optional), or 'demo' / a registered name (every row)."),
+    output: Path = typer.Option(..., "--output", "-o", help="JSON lines to write, one per row; with labels OUTPUT.summary.json goes next to it."),
+    batch_size: Optional[int] = typer.Option(None, help="Rows per scoring batch. (default: the run's batch size)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Score rows with a run: policy and reference log-probs, r, r - delta and calibrated p_up per row."""
+    restart_under_mimalloc()
+    with user_errors():
+        from qbco.score import score_file, summary_table
+
+        _quiet_libraries()
+        with _progress() as progress:
+            summary = score_file(target, data, output, batch_size=batch_size, overwrite=overwrite, progress=progress, log=_log)
+    if summary["figures"]:
+        Console().print(summary_table(summary))
+    for path in summary["files"]:
+        console.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
 def plot(
     run_dir: Path = typer.Argument(..., help="A run folder with metrics.jsonl (finished or still training)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write. (default: RUN_DIR/metrics.png)"),
@@ -331,8 +354,13 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 is greedy decoding; above 0 samples."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the smallest set of tokens with this much probability."),
     seed: int = typer.Option(0, help="Seed for sampling (the same for base and tuned)."),
+    best_of: Optional[int] = typer.Option(None, "--best-of", help="Sample N answers per prompt (needs --temperature > 0), score each with the run's reward and show the best."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="With --best-of: write every candidate, its reward and p_up to this .jsonl."),
 ) -> None:
     """Answer prompts with a tuned model, and with --compare its base too, side by side."""
+    if best_of is not None or output is not None:
+        return _best_of(target, prompt, data, limit, compare, best_of, output,
+                        sampling_args=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed))
     with user_errors():
         _quiet_libraries()
         from qbco.generate import Sampling, prompt_label, read_prompts
@@ -348,3 +376,31 @@ def generate(
     for answer in answers:
         table.add_row(prompt_label(answer.prompt), *((answer.base, answer.tuned) if compare else (answer.tuned,)))
     Console().print(table)
+
+
+def _best_of(target, prompt, data, limit, compare, n, output, sampling_args) -> None:
+    """qbco generate --best-of N: N sampled answers per prompt, the one with the highest reward shown."""
+    with user_errors():
+        from qbco.generate import Sampling, best_of, prompt_label, read_prompts, write_candidates
+
+        if n is None:
+            raise QbcoError("--output writes the candidates of --best-of N; give --best-of")
+        if compare:
+            raise QbcoError("--best-of and --compare exclude each other; pick one")
+        if output is not None and output.exists():
+            raise QbcoError(f"{output} exists; choose another --output")
+        _quiet_libraries()
+        prompts = read_prompts(prompt, data, limit)
+        sampling = Sampling(**sampling_args)
+        results, kind = best_of(target, prompts, n, sampling)
+        if output is not None:
+            write_candidates(results, output)
+    table = Table(title=f"qbco generate --best-of {n}: {target} ({kind})", caption=sampling.describe(), show_lines=True)
+    for column, ratio in (("prompt", 1), ("best answer", 2), ("reward / p_up", 1), (f"other {n - 1}: p_up", 1)):
+        table.add_column(column, overflow="fold", ratio=ratio)
+    for r in results:
+        others = ", ".join(f"{p:.2f}" for k, p in enumerate(r.p_up) if k != r.best)
+        table.add_row(prompt_label(r.prompt), r.answers[r.best], f"{r.rewards[r.best]:+.3f} / {r.p_up[r.best]:.2f}", others)
+    Console().print(table)
+    if output is not None:
+        console.print(f"wrote {output} ({sum(len(r.answers) for r in results)} candidates)", highlight=False)

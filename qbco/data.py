@@ -37,7 +37,7 @@ class Example:
 
     prompt: str | list[dict[str, str]]
     completion: str
-    label: bool
+    label: bool | None  # None only for an unlabelled row read by `qbco score`
     source: str
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -53,19 +53,20 @@ def _completion_text(value: Any) -> Any:
     return value
 
 
-def rows_to_examples(rows: list[dict[str, Any]], origin: str) -> list[Example]:
-    """Check columns and values of raw rows; the error names origin, row and column."""
+def rows_to_examples(rows: list[dict[str, Any]], origin: str, labels: bool = True) -> list[Example]:
+    """Check columns and values of raw rows; the error names origin, row and column. With labels=False
+    (`qbco score`) a row may go without a label (missing, null or empty): its label is None."""
     if not rows:
         raise QbcoError(f"{origin}: no rows")
     examples = []
     for i, row in enumerate(rows, start=1):
-        missing = [c for c in ("prompt", "completion", "label") if c not in row]
+        missing = [c for c in ("prompt", "completion", "label") if c not in row and (labels or c != "label")]
         if missing:
             found = ", ".join(map(str, row.keys())) or "none"
             raise QbcoError(f"{origin}: row {i}: missing column(s) {', '.join(missing)} (found: {found})")
         prompt, completion = row["prompt"], _completion_text(row["completion"])
         try:
-            label = normalize_label(row["label"])
+            label = None if not labels and row.get("label") in (None, "") else normalize_label(row["label"])
         except ValueError:
             raise QbcoError(
                 f"{origin}: row {i}, column label: {row['label']!r} is not a thumbs-up/down label "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from qbco import calibration as calib
 from qbco import metrics
 from qbco.data import Example, encode_all, load_feedback, prompt_pairs, rows_to_examples
 from qbco.errors import QbcoError
@@ -108,17 +109,24 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
 
     labels = torch.tensor([e.label for e in examples])
     tokens = torch.tensor([len(e.completion_ids) for e in encoded])
+    rewards = implicit_rewards(policy, reference, config.beta)
+    margins = metrics.margins(rewards, delta).numpy()
+    calibration = calibrate_or_load(run_dir, data, margins, labels.numpy(), described)
+    calibrated = calibration.p_up(margins)
     report = {
         "run": str(run_dir),
         "data": described,
         "loss": config.loss,
         "beta": config.beta,
         "delta": delta,
-        "p_up": "sigmoid(r - delta), r = beta * (log pi_theta - log pi_ref) summed over completion tokens",
+        "p_up": "sigmoid(a (r - delta) + b) with the run's calibration; r = beta * (log pi_theta - log pi_ref) "
+                "summed over completion tokens; the binary figures are those of sigmoid(r - delta)",
+        "calibration": {**calibration.to_dict(), "fit_on_these_rows": data is None},
         "truncated_completions": sum(e.completion_cut for e in encoded),
         "overall": metrics.all_figures(policy, reference, labels, tokens, pairs, config.beta, delta),
         "slices": None,
     }
+    report["overall"]["binary"]["calibrated"] = calib.figures(calibrated, labels.numpy())
     if slice_by is not None:
         values = {}
         for value, idx in metrics.slice_indices([e.extra.get(slice_by) for e in examples]).items():
@@ -126,6 +134,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
             values[value] = metrics.all_figures(
                 policy[ix], reference[ix], labels[ix], tokens[ix], metrics.subset(idx, pairs), config.beta, delta
             )
+            values[value]["binary"]["calibrated"] = calib.figures(calibrated[idx], labels[ix].numpy())
         report["slices"] = {"column": slice_by, "values": values}
 
     out = eval_folder(run_dir, data, described)
@@ -135,19 +144,23 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
         report["generation"] = answer_figures(records, slice_by)
         report["generation_kind"], report["sampling"] = kind.removeprefix("run: "), generate.describe()
     binary = report["overall"]["binary"]
-    rewards = implicit_rewards(policy, reference, config.beta)
+    after = binary["calibrated"] if calibration.method != "identity" else None
     probs = metrics.p_up(rewards, delta).tolist()
     with atomic_folder(out) as tmp:  # a rerun on the same rows replaces its own folder whole, never another's
-        reliability_diagram(binary["reliability"], binary["ece"], tmp / "reliability.png", f"{run_dir.name}: {described}")
+        reliability_diagram(binary["reliability"], binary["ece"], tmp / "reliability.png", f"{run_dir.name}: {described}",
+                            after=after and (after["reliability"], after["ece"], report["calibration"]["fit_on_these_rows"]))
         with open(tmp / "scores.jsonl", "w", encoding="utf-8") as f:
-            for e, r, p, pol, ref, n in zip(examples, rewards.tolist(), probs, policy.tolist(), reference.tolist(), tokens.tolist()):
-                f.write(json.dumps({"source": e.source, "label": e.label, "reward": r, "p_up": p, "policy_logp": pol,
-                                    "reference_logp": ref, "completion_tokens": n}) + "\n")
+            for e, r, p, c, pol, ref, n in zip(examples, rewards.tolist(), probs, calibrated.tolist(), policy.tolist(),
+                                               reference.tolist(), tokens.tolist()):
+                f.write(json.dumps({"source": e.source, "label": e.label, "reward": r, "p_up": c, "p_up_uncalibrated": p,
+                                    "policy_logp": pol, "reference_logp": ref, "completion_tokens": n}) + "\n")
         if records is not None:
             _write_jsonl(tmp / "generations.jsonl", records)
         _write_json(tmp / "metrics.json", report)
     names = ["metrics.json", "reliability.png", "scores.jsonl"] + (["generations.jsonl"] if records is not None else [])
     report["files"] = [str(out / n) for n in names]
+    if data is None:
+        report["files"].append(str(calib.save(run_dir, calibration)))
     return report
 
 
@@ -184,7 +197,7 @@ def answers(run_dir: Path, config, tokenizer, model, entries: list[dict], delta:
     sampling.validate()
     device = next(model.parameters()).device
     started = time.perf_counter()
-    run = RunModels(run_dir, device, quantized=model)
+    run = RunModels(run_dir, device)
     log(f"answering {len(entries)} prompts with base and tuned ({run.kind.removeprefix('run: ')}; {sampling.describe()})")
     base, tuned = answer_both(run, [e["prompt"] for e in entries], sampling, device)
     kind = run.kind
@@ -294,6 +307,15 @@ def eval_folder(run_dir: Path, data: str | None, described: str) -> Path:
     return folder
 
 
+def calibrate_or_load(run_dir: Path, data: str | None, margins, labels, described: str) -> calib.Calibration:
+    """On the run's own held-out rows (no --data) the Platt scale is fit again (evaluate stores it in
+    RUN/calibration.json once RUN/eval/ is written; a run trained before qbco calibrated gets one this way); on
+    other rows the stored one is applied, so its 'after' figures are measured on rows it did not see."""
+    if data is None:
+        return calib.calibrate(margins, labels, described)
+    return calib.load(run_dir)
+
+
 def _write_json(path: Path, value: dict) -> None:
     """Written beside and renamed: a reader never sees half a file. NaN is refused (not JSON)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -325,6 +347,8 @@ def _rows(figures: dict) -> list[tuple[str, str]]:
         ("log-loss (BCE of p, nats)", _f(b["log_loss"], 4)),
         ("Brier score", _f(b["brier"], 4)),
         ("ECE (10 bins)", _f(b["ece"], 4)),
+        ("ECE, calibrated p_up", _f(b["calibrated"]["ece"], 4)),
+        ("log-loss, calibrated p_up", _f(b["calibrated"]["log_loss"], 4)),
         ("BCO loss (per-class means)", _f(b["bco_loss"], 4)),
     ]
     if p:
@@ -352,7 +376,10 @@ def summary_table(report: dict):
     columns = {"all": report["overall"]}
     if report["slices"]:
         columns.update({f"{report['slices']['column']}={v}": f for v, f in report["slices"]["values"].items()})
-    table = Table(title=f"qbco eval: {report['run']}\n{report['data']}; {report['loss']}, beta {report['beta']}, delta {report['delta']:+.4f}")
+    cal = report["calibration"]
+    seen = " (fit on these rows: 'calibrated' is optimistic)" if cal["fit_on_these_rows"] and cal["method"] != "identity" else ""
+    table = Table(title=f"qbco eval: {report['run']}\n{report['data']}; {report['loss']}, beta {report['beta']}, delta {report['delta']:+.4f}"
+                        f"\ncalibration: {calib.Calibration.from_dict(cal).describe()}{seen}")
     table.add_column("figure")
     for name in columns:
         table.add_column(name, justify="right")

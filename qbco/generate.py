@@ -103,19 +103,20 @@ class RunModels:
     the base), or on a CPU the fp32 NF4-dequantized base, whose adapter is merged in before the tuned
     answers (`tuned()`), after any base answers (`base()`)."""
 
-    def __init__(self, run_dir: Path, device, quantized=None, path: str = "auto"):
+    def __init__(self, run_dir: Path, device, path: str = "auto"):
         from qbco.config import load_run_config
 
         config = load_run_config(run_dir / "config.yaml")
         self.config, self.device = config, device
         self.float = path == "float" or (path == "auto" and fast_on_cpu(config, device))
         if self.float:
-            from qbco.merge import float_base, with_adapter
+            from peft import PeftModel
+
+            from qbco.score import merged_base
 
             self.tokenizer = load_tokenizer(str(run_dir / "adapter"))
-            base = float_base(config, "dequantized" if config.load_in_4bit else "original", torch.float32, device,
-                              quantized=quantized)
-            self.model = with_adapter(base, run_dir)
+            # The weights qbco merge adds the adapter to (NF4 dequantized to fp32), the adapter kept apart for the base's answers.
+            self.model = PeftModel.from_pretrained(merged_base(config, device), run_dir / "adapter", is_trainable=False).eval()
             self.kind = f"run: {CPU_FLOAT}" if config.load_in_4bit else "run: fp32 base + adapter merged"
         else:
             _, self.tokenizer, self.model = load_run(run_dir, device)
@@ -304,3 +305,81 @@ def prompt_label(prompt) -> str:
         return prompt
     users = [m["content"] for m in prompt if m.get("role") == "user"]
     return users[-1] if users else prompt[-1]["content"]
+
+
+# ---------------------------------------------------------------- best-of-n
+
+
+@dataclass
+class BestOf:
+    """N sampled answers to one prompt, each with the run's reward r and calibrated p_up; `best` indexes the
+    arg-max of r (the first one on a tie)."""
+
+    prompt: str | list[dict[str, str]]
+    answers: list[str]
+    rewards: list[float]
+    p_up: list[float]
+    best: int
+
+
+def pick_best(rewards) -> int:
+    """The index of the highest reward; the first of equal ones."""
+    rewards = list(rewards)
+    return max(range(len(rewards)), key=lambda i: (rewards[i], -i))
+
+
+@torch.no_grad()
+def sample_answers(model, tokenizer, prompt, n: int, sampling: Sampling, device) -> list[str]:
+    """n sampled answers to one prompt in one generate call (num_return_sequences), formatted as in training and
+    stopped at every stop id, as `complete` is."""
+    from qbco.data import prompt_text
+
+    text, templated = prompt_text(prompt, tokenizer)
+    inputs = tokenizer(text, add_special_tokens=not templated, return_tensors="pt").to(device)
+    stops = stop_ids(model, tokenizer)
+    torch.manual_seed(sampling.seed)
+    out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], do_sample=True,
+                         temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, num_return_sequences=n,
+                         max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=stops, use_cache=True)
+    answers = []
+    for row in out[:, inputs["input_ids"].shape[1]:].tolist():  # an answer ends at its first stop id; padding follows
+        end = next((k for k, t in enumerate(row) if t in stops), len(row))
+        answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+    return answers
+
+
+def best_of(target: str | Path, prompts: list, n: int, sampling: Sampling, device: torch.device | None = None,
+            scorer=None) -> tuple[list[BestOf], str]:
+    """For every prompt, n answers sampled from `target` (a run or a merged folder) and scored with its own
+    reward (qbco.score.Scorer); also what was loaded. `scorer` (a loaded Scorer) skips the loading."""
+    from qbco.score import Scorer
+
+    sampling.validate()
+    if n < 2:
+        raise QbcoError(f"--best-of needs at least 2 answers per prompt (got {n})")
+    if sampling.temperature == 0:
+        raise QbcoError("--best-of samples its answers: give --temperature above 0 (greedy gives one answer N times)")
+    if not prompts:
+        raise QbcoError("no prompts to answer")
+    scorer = scorer or Scorer.load(target, device)
+    results = []
+    for prompt in prompts:
+        answers = sample_answers(scorer.model, scorer.tokenizer, prompt, n, sampling, scorer.device)
+        scores = scorer.score(prompt, answers)
+        results.append(BestOf(prompt, answers, scores.reward.tolist(), scores.p_up.tolist(), pick_best(scores.reward)))
+    return results, f"{scorer.kind}; each answer scored with the run's reward"
+
+
+def write_candidates(results: list[BestOf], output: Path) -> None:
+    """One JSON line per candidate: prompt, candidate index, answer, reward, p_up, and whether it was picked;
+    written beside and renamed, so the file appears whole or not at all."""
+    import os
+
+    from qbco.binarize import _write_temp
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"prompt": r.prompt, "candidate": k, "answer": a, "reward": rw, "p_up": p, "best": k == r.best},
+                        ensure_ascii=False) + "\n"
+             for r in results for k, (a, rw, p) in enumerate(zip(r.answers, r.rewards, r.p_up))]
+    os.replace(_write_temp(output, lines), output)

@@ -23,8 +23,8 @@ try:
         precision_recall_fscore_support,
         roc_auc_score,
     )
-except ImportError:  # an optional dependency: training never needs it
-    raise QbcoError("qbco eval needs scikit-learn, a dependency of qbco: pip install scikit-learn") from None
+except ImportError:  # a dependency of qbco; a broken install gets one line
+    raise QbcoError("qbco needs scikit-learn for its figures and calibration: pip install scikit-learn") from None
 
 from qbco.loss import bco_loss, dpo_loss, implicit_rewards
 

@@ -72,25 +72,35 @@ def training_curves(run_dir: str | Path, output: str | Path | None = None) -> Pa
     return out
 
 
-def reliability_diagram(bins: list[dict], ece: float, path: str | Path, title: str) -> Path:
+def reliability_diagram(bins: list[dict], ece: float, path: str | Path, title: str,
+                        after: tuple[list[dict], float, bool] | None = None) -> Path:
     """Predicted p(up) (mean per bin) against the observed share of thumbs-up per bin, with the diagonal of
-    perfect calibration, and below it the rows per bin."""
+    perfect calibration, and below it the rows per bin. `after` = (bins, ece, fit on these rows) of the
+    calibrated p_up, drawn beside sigmoid(r - delta)."""
     fig = _figure(6, 6.5)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
-    full = [b for b in bins if b["rows"]]
-    top.plot([b["mean_p_up"] for b in full], [b["observed_up"] for b in full], marker="o", color="C0", label="qbco")
-    for b in full:  # the gap that ECE weighs, per bin
-        top.plot([b["mean_p_up"]] * 2, [b["mean_p_up"], b["observed_up"]], color="C3", alpha=0.5)
+    curves = [(bins, f"sigmoid(r - delta): ECE {ece:.4f}", "C0")]
+    if after is not None:
+        seen = ", fit on these rows" if after[2] else ""
+        curves.append((after[0], f"calibrated p_up: ECE {after[1]:.4f}{seen}", "C2"))
+    for curve, label, color in curves:
+        full = [b for b in curve if b["rows"]]
+        top.plot([b["mean_p_up"] for b in full], [b["observed_up"] for b in full], marker="o", color=color, label=label)
+        for b in full:  # the gap that ECE weighs, per bin
+            top.plot([b["mean_p_up"]] * 2, [b["mean_p_up"], b["observed_up"]], color=color, alpha=0.4)
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("observed share of thumbs-up")
-    top.set_title(f"{title}\nECE ({len(bins)} bins) = {ece:.4f}")
+    top.set_title(f"{title}\nECE over {len(bins)} bins")
     top.legend(loc="upper left")
     top.grid(alpha=0.3)
     width = bins[0]["high"] - bins[0]["low"] if bins else 0.1
-    bottom.bar([b["low"] for b in bins], [b["rows"] for b in bins], width=width, align="edge", color="C0", alpha=0.6, edgecolor="white")
-    bottom.set_xlabel("predicted p(up) = sigmoid(r - delta)")
+    for k, (curve, _, color) in enumerate(curves):  # side by side within each bin
+        share = width / len(curves)
+        bottom.bar([b["low"] + k * share for b in curve], [b["rows"] for b in curve], width=share, align="edge",
+                   color=color, alpha=0.6, edgecolor="white")
+    bottom.set_xlabel("predicted p(up)")
     bottom.set_ylabel("rows")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from qbco.calibration import calibrate_run
 from qbco.checkpoint import rng_state
 from qbco.config import TrainConfig
 from qbco.data import Encoded, collate
@@ -40,6 +41,7 @@ class RunResult:
     peak_memory_mb: float
     eval: dict = field(default_factory=dict)
     checkpointing: object = None  # qbco.memory.Plan
+    calibration: object = None  # qbco.calibration.Calibration, written to RUN/calibration.json
 
 
 def train(config: TrainConfig, progress=None, log=print, resume: str | Path | None = None, overwrite: bool = False) -> RunResult:
@@ -74,14 +76,15 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
                 raise TrainingStopped(f"{signals.requested} at step {step} of {run.total_steps}: checkpoint written to "
                                       f"{kept}. Continue with: qbco train --resume {out}", exit_code=130)
         elapsed = run.elapsed()
-        held_out = held_out_figures(run, progress)
+        held_out, margins = held_out_figures(run, progress)
         if held_out:
             metrics.write({"split": "eval", "step": run.total_steps, "delta": run.shift.delta, **held_out})
     save_adapter(run.model, run.tokenizer, out / "adapter", run.shift)
+    calibration = calibrate_run(out, margins, [e.label for e in run.eval_rows], f"held-out part of {config.data}")
     return RunResult(output=out, steps=run.total_steps, elapsed_s=elapsed,
                      tokens_per_s=tokens / (time.perf_counter() - run.started) if tokens else 0.0,
                      final_loss=loss, peak_memory_mb=peak_memory_mb(run.device), eval=held_out,
-                     checkpointing=run.checkpointing)
+                     checkpointing=run.checkpointing, calibration=calibration)
 
 
 def optimizer_step(run: Run, window: list[list[int]]) -> dict:
@@ -160,11 +163,12 @@ def mismatched_logps(run: Run, rows: list[int]) -> tuple[torch.Tensor, torch.Ten
     return policy, ref
 
 
-def held_out_figures(run: Run, progress=None) -> dict:
+def held_out_figures(run: Run, progress=None) -> tuple[dict, torch.Tensor]:
     """eval_loss (BCO with the final delta, per-class means) and the share of held-out rows classified right
-    by sign(r - delta); delta is 0 for an objective that never shifts. Empty without held-out rows."""
+    by sign(r - delta); delta is 0 for an objective that never shifts. Empty without held-out rows. Also
+    every held-out row's r - delta, which the calibration is fit on."""
     if not run.eval_rows:
-        return {}
+        return {}, torch.zeros(0)
     c = run.config
     policy = dataset_logps(run.model, run.eval_rows, c.batch_size, run.tokenizer.pad_token_id, run.device, c.logprob_chunk,
                            Wait(progress, "held-out evaluation", len(run.eval_rows)))
@@ -173,7 +177,8 @@ def held_out_figures(run: Run, progress=None) -> dict:
     delta = run.shift.delta
     loss = bco_loss(rewards, torch.zeros_like(rewards), labels, delta, beta=1.0).loss
     correct = ((rewards - delta) > 0) == labels
-    return {"eval_loss": float(loss), "eval_reward_accuracy": float(correct.float().mean()), "eval_rows": len(labels)}
+    figures = {"eval_loss": float(loss), "eval_reward_accuracy": float(correct.float().mean()), "eval_rows": len(labels)}
+    return figures, rewards - delta
 
 
 def out_of_memory(err: BaseException, run: Run, step: int) -> TrainingStopped:

@@ -2,6 +2,7 @@
 RUN/eval/metrics.json agree with the run's own log and with each other, and the PNGs are PNGs."""
 
 import json
+import math
 
 import pytest
 from conftest import separable_rows
@@ -105,9 +106,19 @@ def test_eval_of_the_held_out_part_agrees_with_the_training_log(bco_run, data_fi
     assert drift["log_ratio_per_token"] == pytest.approx(sum(ratios) / tokens, rel=1e-5)
     assert drift["mean_reward"] == pytest.approx(0.5 * drift["log_ratio_per_sequence"])
     assert drift["completion_tokens"] == tokens
-    assert binary["ece"] == pytest.approx(metrics.ece([s["p_up"] for s in scores], [s["label"] for s in scores]))
-    assert sum((s["p_up"] > 0.5) == s["label"] for s in scores) / len(scores) == binary["at_0.5"]["accuracy"]
+    labels = [s["label"] for s in scores]
+    assert binary["ece"] == pytest.approx(metrics.ece([s["p_up_uncalibrated"] for s in scores], labels))
+    assert sum((s["p_up_uncalibrated"] > 0.5) == s["label"] for s in scores) / len(scores) == binary["at_0.5"]["accuracy"]
     assert_png(bco_run / "eval" / "reliability.png")
+
+    # The Platt scale, fit again on these rows and stored: p_up in scores.jsonl is sigmoid(a (r - delta) + b).
+    stored = json.loads((bco_run / "calibration.json").read_text())
+    assert report["calibration"]["fit_on_these_rows"] and stored["method"] == report["calibration"]["method"] == "platt"
+    a, b = stored["a"], stored["b"]
+    for s in scores:
+        assert s["p_up"] == pytest.approx(1 / (1 + math.exp(-(a * (s["reward"] - report["delta"]) + b))), rel=1e-5)
+    assert binary["calibrated"]["ece"] == pytest.approx(metrics.ece([s["p_up"] for s in scores], labels))
+    assert binary["calibrated"]["ece"] == pytest.approx(stored["ece_after"]) and binary["ece"] == pytest.approx(stored["ece_before"])
 
 
 def test_eval_on_a_file_with_slices(bco_run, data_file):

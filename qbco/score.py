@@ -1,0 +1,320 @@
+"""A finished run as a calibrated thumbs-up predictor: for each (prompt, completion) the policy's and the
+reference's log-probs, the implicit reward r, r - delta and p_up = sigmoid(a (r - delta) + b) with the
+run's Platt scale (qbco/calibration.py). `Scorer` is the Python API for serving code; `score_file` is
+`qbco score`. Log-probs come from the one path (qbco.logprobs.dataset_logps), rows from the one reader."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from qbco import calibration as calib
+from qbco.errors import QbcoError
+
+
+def merged_base(config, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The base `qbco merge` merges a run's adapter into (qbco.merge.merge_exact), without the adapter: a 4-bit
+    run's NF4 weights loaded as training loads them and dequantized to fp32, a float run's base widened to
+    fp32; then in `dtype`. The reference of a merged folder: the same weights the merge added the adapter to."""
+    from qbco.merge import to_fp32_compute
+    from qbco.models import compute_dtype, load_base, resolve_model
+
+    base = load_base(resolve_model(config.model), config.load_in_4bit, compute_dtype(config.dtype, device), device,
+                     config.trust_remote_code)
+    to_fp32_compute(base)
+    if getattr(base, "hf_quantizer", None) is not None:
+        base = base.dequantize(dtype=torch.float32)
+    return base.to(dtype).eval()
+
+
+@dataclass
+class Scores:
+    """Per-row arrays, in the order the rows were given. Log-probs are sums over completion tokens, in nats."""
+
+    policy_logp: np.ndarray
+    reference_logp: np.ndarray
+    completion_tokens: np.ndarray
+    reward: np.ndarray  # r = beta * (policy_logp - reference_logp)
+    margin: np.ndarray  # r - delta
+    p_up: np.ndarray  # the run's calibrated probability of a thumbs-up
+    p_up_uncalibrated: np.ndarray  # sigmoid(r - delta)
+
+    def row(self, i: int) -> dict:
+        return {"policy_logp": float(self.policy_logp[i]), "reference_logp": float(self.reference_logp[i]),
+                "completion_tokens": int(self.completion_tokens[i]), "reward": float(self.reward[i]),
+                "reward_minus_delta": float(self.margin[i]), "p_up": float(self.p_up[i]),
+                "p_up_uncalibrated": float(self.p_up_uncalibrated[i])}
+
+
+class Scorer:
+    """Scores completions with a run's implicit reward and calibrated p(up).
+
+        from qbco import Scorer
+        scorer = Scorer.load("runs/my-run")
+        scorer.p_up(["What is 2 + 2?", "What is 2 + 2?"], ["4.", "Ask someone else."])   # array([0.9, 0.1])
+
+    A run is loaded as it was trained (4-bit or float base + adapter; the reference is the same model with
+    the adapter off), a merged folder as saved, with the base its qbco_merge.json names as the reference.
+    A prompt is text or a list of chat messages, formatted as in training; one prompt is paired with every
+    completion.
+    """
+
+    def __init__(self, tokenizer, model, *, beta: float, delta: float, calibration: calib.Calibration,
+                 max_prompt_length: int, max_completion_length: int, batch_size: int = 8, chunk: int | None = None,
+                 reference_model=None, device: torch.device | None = None, kind: str = "run", config=None):
+        self.tokenizer, self.model, self.reference_model = tokenizer, model, reference_model
+        self.config = config  # the run's TrainConfig, when loaded from a run (or a merged folder's run)
+        self.beta, self.delta, self.calibration = beta, delta, calibration
+        self.max_prompt_length, self.max_completion_length = max_prompt_length, max_completion_length
+        self.batch_size, self.chunk, self.kind = batch_size, chunk, kind
+        self.device = device or next(model.parameters()).device
+
+    @classmethod
+    def load(cls, target: str | Path, device: torch.device | None = None, batch_size: int | None = None) -> "Scorer":
+        """A run folder, or a folder written by `qbco merge` (whose run still holds beta, delta and calibration)."""
+        from qbco.merge import MERGE_INFO
+        from qbco.models import default_device
+
+        if batch_size is not None and batch_size < 1:
+            raise QbcoError(f"--batch-size must be >= 1 (got {batch_size})")
+        path = Path(target).expanduser()
+        device = device or default_device()
+        if (path / MERGE_INFO).is_file() and not (path / "config.yaml").is_file():
+            return cls._load_merged(path, device, batch_size)
+        if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+            raise QbcoError(f"{target} is a model folder without {MERGE_INFO}, so its reference (the base) is unknown; "
+                            "score a qbco run or a folder written by qbco merge")
+        from qbco.evaluate import run_delta
+        from qbco.models import load_run
+
+        config, tokenizer, model = load_run(path, device)  # a folder without adapter/ is a one-line error
+        return cls(tokenizer, model, beta=config.beta, delta=run_delta(path, config), calibration=calib.load(path),
+                   max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
+                   batch_size=batch_size or config.batch_size, chunk=config.logprob_chunk, device=device, config=config,
+                   kind=f"run: {'4-bit' if config.load_in_4bit else 'float'} base + adapter; reference: adapter off")
+
+    @classmethod
+    def _load_merged(cls, folder: Path, device, batch_size: int | None) -> "Scorer":
+        from transformers import AutoModelForCausalLM
+
+        from qbco.config import load_run_config
+        from qbco.evaluate import run_delta
+        from qbco.logprobs import check_against_forward
+        from qbco.merge import MERGE_INFO
+        from qbco.models import compute_dtype, load_tokenizer
+
+        meta = json.loads((folder / MERGE_INFO).read_text(encoding="utf-8"))
+        run_dir = Path(meta.get("run", ""))
+        if not (run_dir / "config.yaml").is_file():
+            raise QbcoError(f"{folder}: the run it was merged from ({run_dir}, named in {MERGE_INFO}) is gone; "
+                            "its beta, delta and calibration are needed to score")
+        config = load_run_config(run_dir / "config.yaml")
+        dtype = compute_dtype("auto", device)
+        remote = bool(meta.get("trust_remote_code", False))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=remote)
+        except OSError as err:
+            raise QbcoError(f"cannot load the model in {folder}: {err}") from None
+        model.to(device).eval()
+        check_against_forward(model)  # as load_base does: a logit transform qbco does not apply is refused (docs/pitfalls.md, 15)
+        reference_model = merged_base(config, device, dtype)
+        return cls(load_tokenizer(str(folder), remote), model, beta=config.beta, delta=run_delta(run_dir, config),
+                   calibration=calib.load(run_dir), max_prompt_length=config.max_prompt_length,
+                   max_completion_length=config.max_completion_length, batch_size=batch_size or config.batch_size,
+                   chunk=config.logprob_chunk, reference_model=reference_model, device=device, config=config,
+                   kind=f"merged folder; reference: {meta.get('model')}, "
+                        f"{'its NF4 weights dequantized' if config.load_in_4bit else 'its float weights'}")
+
+    # ------------------------------------------------------------ scoring
+
+    def encode(self, prompts, completions: Sequence[str]):
+        """Encoded rows as in training (prompt cut from the left, completion ended by EOS, cut from the right)."""
+        from qbco.data import Example
+
+        completions = list(completions)
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts] * len(completions)  # one prompt (text or chat messages) for every completion
+        prompts = list(prompts)
+        if len(prompts) != len(completions):
+            raise QbcoError(f"{len(prompts)} prompts for {len(completions)} completions; give one prompt or one per completion")
+        return self.encode_examples([Example(p, c, None, f"row {i}") for i, (p, c) in enumerate(zip(prompts, completions), start=1)])
+
+    def encode_examples(self, examples):
+        from qbco.data import encode_all
+
+        # A row's label plays no part in its log-probs; an unlabelled one is encoded as a thumbs-down.
+        rows = [replace(e, label=bool(e.label)) for e in examples]
+        return encode_all(rows, self.tokenizer, self.max_prompt_length, self.max_completion_length)
+
+    def score_encoded(self, encoded, on_rows: Callable[[int], None] | None = None) -> Scores:
+        """Scores of encoded rows: one no-grad pass of the policy, one of the reference; `on_rows(done)` hears
+        the rows done of both passes together (2 x rows in all), as a qbco.progress.Wait takes them."""
+        from qbco import metrics
+        from qbco.logprobs import dataset_logps
+        from qbco.loss import implicit_rewards
+        from qbco.models import reference
+
+        args = (encoded, self.batch_size, self.tokenizer.pad_token_id, self.device, self.chunk)
+        second = None if on_rows is None else (lambda done: on_rows(len(encoded) + done))
+        policy = dataset_logps(self.model, *args, on_rows)
+        if self.reference_model is None:
+            with reference(self.model):
+                ref = dataset_logps(self.model, *args, second)
+        else:
+            ref = dataset_logps(self.reference_model, *args, second)
+        rewards = implicit_rewards(policy, ref, self.beta)
+        margins = metrics.margins(rewards, self.delta)  # the arithmetic of training's held-out accuracy
+        return Scores(policy.numpy().astype(np.float64), ref.numpy().astype(np.float64),
+                      np.array([len(e.completion_ids) for e in encoded]), rewards.numpy().astype(np.float64),
+                      margins.numpy().astype(np.float64), self.calibration.p_up(margins.numpy()),
+                      metrics.p_up(rewards, self.delta))
+
+    def score(self, prompts, completions: Sequence[str], on_rows=None) -> Scores:
+        return self.score_encoded(self.encode(prompts, completions), on_rows)
+
+    def rewards(self, prompts, completions: Sequence[str]) -> np.ndarray:
+        """r = beta * (log pi_theta - log pi_ref) per completion."""
+        return self.score(prompts, completions).reward
+
+    def p_up(self, prompts, completions: Sequence[str]) -> np.ndarray:
+        """The calibrated probability that each completion earns a thumbs-up."""
+        return self.score(prompts, completions).p_up
+
+
+# ---------------------------------------------------------------- qbco score
+
+
+def read_rows_to_score(data: str):
+    """(examples, what they are) from a file (prompt, completion; label optional) or a name ('demo', a
+    registered dataset: every row of it, train and held-out). Read and checked as `qbco train` reads."""
+    from qbco.data import load_feedback, rows_to_examples
+    from qbco.reader import read_rows
+
+    path = Path(data).expanduser()
+    if path.is_file():
+        return rows_to_examples(read_rows(path), str(path), labels=False), f"{path} (every row)"
+    examples, _ = load_feedback(data, 0.0, 0)  # a fraction of 0 keeps every row; unknown names fail as in train
+    return examples, f"{data} (every row)"
+
+
+def held_out_sources(data: str, config) -> set[str] | None:
+    """The rows of `data` that the run held out, when `data` is the run's own training data; else None."""
+    from qbco.data import load_feedback
+
+    same = data == config.data or (Path(data).expanduser().is_file() and Path(config.data).expanduser().is_file()
+                                   and Path(data).expanduser().resolve() == Path(config.data).expanduser().resolve())
+    if not same:
+        return None
+    return {e.source for e in load_feedback(data, config.eval_fraction, config.seed)[1]}
+
+
+def check_output(output: Path, data: str, overwrite: bool) -> None:
+    if output.exists() and Path(data).expanduser().exists() and output.resolve() == Path(data).expanduser().resolve():
+        raise QbcoError(f"{output}: the output would replace the input; choose another -o")
+    if output.is_dir():
+        raise QbcoError(f"{output} is a folder; -o takes a .jsonl file")
+    if output.exists() and not overwrite:
+        raise QbcoError(f"{output} exists; pass --overwrite to replace it")
+
+
+def score_file(target: str | Path, data: str, output: str | Path, batch_size: int | None = None, overwrite: bool = False,
+               progress=None, log=print) -> dict:
+    """Score every row of `data` with `target`; write one JSON line per row to `output` and, with labels,
+    the classifier's figures to OUTPUT.summary.json. Every check of the input comes before the model loads,
+    and both files appear whole or not at all. `progress` (the CLI's rich Progress, or None) shows the scoring."""
+    from qbco.binarize import _write_temp, summary_path
+
+    output = Path(output).expanduser()
+    check_output(output, data, overwrite)
+    examples, described = read_rows_to_score(data)
+    scorer = Scorer.load(target, batch_size=batch_size)
+    log(f"{len(examples)} rows of {described}; {scorer.kind}; calibration: {scorer.calibration.describe()}")
+    held = held_out_sources(data, scorer.config)
+    encoded = scorer.encode_examples(examples)
+    from qbco.progress import Wait
+
+    scores = scorer.score_encoded(encoded, Wait(progress, "scoring: policy, then reference", 2 * len(encoded)))
+
+    lines = []
+    for i, e in enumerate(examples):
+        line = {"source": e.source, "label": e.label, **({"held_out": e.source in held} if held is not None else {}),
+                **scores.row(i), "completion_cut": encoded[i].completion_cut}
+        lines.append(json.dumps({**line, **{k: v for k, v in e.extra.items() if k not in line}}, ensure_ascii=False) + "\n")
+    summary = summarise(examples, scores, held, scorer, described, str(target))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temps = [_write_temp(output, lines)]
+    try:
+        files = [output]
+        if summary["figures"]:
+            temps.append(_write_temp(summary_path(output), [json.dumps(summary, indent=2, allow_nan=False) + "\n"]))
+            files.append(summary_path(output))
+        for tmp, dst in zip(temps, files):
+            os.replace(tmp, dst)
+        if overwrite and not summary["figures"]:
+            summary_path(output).unlink(missing_ok=True)  # a replaced OUTPUT's summary would describe other rows
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+    summary["files"] = [str(f) for f in files]
+    return summary
+
+
+def labelled_figures(scores: Scores, labels: list, delta: float, index: list[int]) -> dict | None:
+    """qbco eval's binary figures of p(up) = sigmoid(r - delta) on the labelled rows among `index`, with
+    ECE, log-loss and Brier score of the calibrated p_up beside them; None without labelled rows."""
+    from qbco import metrics
+
+    rows = [i for i in index if labels[i] is not None]
+    if not rows:
+        return None
+    y = np.array([labels[i] for i in rows], dtype=bool)
+    binary = metrics.binary_figures(torch.from_numpy(scores.reward[rows]), y, delta)
+    binary["calibrated"] = calib.figures(scores.p_up[rows], y)
+    return binary
+
+
+def summarise(examples, scores: Scores, held: set[str] | None, scorer: Scorer, described: str, target: str) -> dict:
+    labels = [e.label for e in examples]
+    everything = list(range(len(examples)))
+    figures = {"all": labelled_figures(scores, labels, scorer.delta, everything)}
+    if held is not None and figures["all"] is not None:
+        figures["held_out"] = labelled_figures(scores, labels, scorer.delta, [i for i, e in enumerate(examples) if e.source in held])
+    return {"target": target, "data": described, "kind": scorer.kind, "rows": len(examples),
+            "labelled": sum(label is not None for label in labels), "beta": scorer.beta, "delta": scorer.delta,
+            "calibration": scorer.calibration.to_dict(), "figures": {k: v for k, v in figures.items() if v is not None}}
+
+
+def summary_table(summary: dict):
+    """`qbco score`'s figures as a rich Table: a column for all labelled rows, one for the run's held-out rows."""
+    from rich.table import Table
+
+    table = Table(title=f"qbco score: {summary['target']}\n{summary['data']}; delta {summary['delta']:+.4f}; "
+                        f"calibration: {calib.Calibration.from_dict(summary['calibration']).describe()}")
+    table.add_column("figure")
+    names = {"all": f"labelled rows ({summary['labelled']})", "held_out": "held-out rows of the run"}
+    columns = summary["figures"]
+    for key in columns:
+        table.add_column(names[key], justify="right")
+
+    def f(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    rows = [
+        ("rows (thumbs-up share)", lambda b: f"{b['rows']} ({b['thumbs_up_share']:.0%})"),
+        ("ROC-AUC", lambda b: f(b["roc_auc"])),
+        ("accuracy @ p>0.5", lambda b: f(b["at_0.5"]["accuracy"])),
+        ("F1 @ p>0.5", lambda b: f(b["at_0.5"]["f1"])),
+        ("ECE, sigmoid(r - delta)", lambda b: f(b["ece"], 4)),
+        ("ECE, calibrated p_up", lambda b: f(b["calibrated"]["ece"], 4)),
+        ("log-loss, sigmoid(r - delta)", lambda b: f(b["log_loss"], 4)),
+        ("log-loss, calibrated p_up", lambda b: f(b["calibrated"]["log_loss"], 4)),
+    ]
+    for name, cell in rows:
+        table.add_row(name, *[cell(b) for b in columns.values()])
+    return table

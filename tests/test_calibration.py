@@ -1,0 +1,86 @@
+"""The Platt scale as pure functions: it recovers a known (a, b), its check fails on a bad fit, it lowers
+the ECE of rows it did not see when the raw p(up) is miscalibrated, and calibration.json round-trips."""
+
+import numpy as np
+import pytest
+
+from qbco import calibration as calib
+from qbco import metrics
+
+
+def synthetic(a: float, b: float, n: int, seed: int):
+    """Margins m ~ N(0, 2) and labels drawn with P(up | m) = sigmoid(a m + b): the Platt model holds exactly."""
+    rng = np.random.default_rng(seed)
+    m = rng.normal(0.0, 2.0, n)
+    y = rng.random(n) < 1 / (1 + np.exp(-(a * m + b)))
+    return m, y
+
+
+@pytest.mark.parametrize("a, b", [(0.6, -0.4), (1.5, 1.0), (-0.8, 0.3)])
+def test_platt_fit_recovers_a_known_scale(a, b):
+    m, y = synthetic(a, b, 40_000, seed=1)
+    fit_a, fit_b = calib.fit_platt(m, y)
+    # Standard errors at n = 40,000 are 0.01-0.02; Platt's targets shift the optimum by O(1/n).
+    assert fit_a == pytest.approx(a, abs=0.06) and fit_b == pytest.approx(b, abs=0.06)
+
+
+def test_platt_fit_is_the_optimum_of_its_objective():
+    """scikit-learn's answer against scipy's Nelder-Mead on the same cross-entropy with Platt's targets."""
+    from scipy.optimize import minimize
+
+    m, y = synthetic(1.2, -0.5, 3_000, seed=7)
+    t = calib.platt_targets(y)
+    best = minimize(lambda w: calib.cross_entropy(m, t, w[0], w[1]), [1.0, 0.0], method="Nelder-Mead",
+                    options={"xatol": 1e-9, "fatol": 1e-13, "maxiter": 10_000}).x
+    assert calib.fit_platt(m, y) == pytest.approx(tuple(best), abs=1e-4)
+
+
+def test_platt_targets_by_hand():
+    """3 thumbs-up, 1 thumbs-down: t+ = (3 + 1) / (3 + 2) = 0.8, t- = 1 / (1 + 2) = 1/3."""
+    assert calib.platt_targets([True, False, True, True]).tolist() == pytest.approx([0.8, 1 / 3, 0.8, 0.8])
+
+
+def test_the_check_fails_a_bad_fit_and_calibrate_falls_back_to_identity(monkeypatch):
+    m, y = synthetic(0.6, -0.4, 2_000, seed=2)
+    a, b = calib.fit_platt(m, y)
+    assert calib.fit_beats_identity(m, y, a, b)
+    assert not calib.fit_beats_identity(m, y, -a, b)  # the order reversed
+    assert not calib.fit_beats_identity(m, y, a, b + 5.0)  # everything called thumbs-up
+    assert not calib.fit_beats_identity(m, y, float("nan"), b)
+    monkeypatch.setattr(calib, "fit_platt", lambda margins, labels: (-a, b))  # a broken fit
+    fallback = calib.calibrate(m, y, "rows")
+    assert fallback.method == "identity" and "did worse than identity" in fallback.note
+
+
+def test_calibration_lowers_the_ece_of_rows_it_did_not_see():
+    """Overconfident margins (the truth is sigmoid(0.4 m + 0.5)): fit on one half, measured on the other."""
+    m, y = synthetic(0.4, 0.5, 4_000, seed=3)
+    fit = calib.calibrate(m[:2000], y[:2000], "first half")
+    raw = metrics.ece(1 / (1 + np.exp(-m[2000:])), y[2000:])
+    after = metrics.ece(fit.p_up(m[2000:]), y[2000:])
+    assert fit.method == "platt" and after < raw / 3, (raw, after)
+    assert fit.ece_after < fit.ece_before and fit.log_loss_after < fit.log_loss_before
+
+
+def test_separable_rows_give_a_finite_scale():
+    """Hard 0/1 targets would push a to infinity on rows that r - delta separates; Platt's targets do not."""
+    m = np.array([-3.0, -2.0, -1.5, 1.0, 2.0, 4.0])
+    y = np.array([False, False, False, True, True, True])
+    fit = calib.calibrate(m, y, "separable")
+    assert fit.method == "platt" and 0 < fit.a < 20 and np.all((fit.p_up(m) > 0.5) == y)
+
+
+def test_identity_when_it_cannot_fit():
+    assert calib.calibrate([], [], "nothing").method == "identity"
+    one = calib.calibrate([0.1, 0.5, -0.2], [True, True, True], "ups")
+    assert one.method == "identity" and "one class" in one.note
+    assert one.p_up([0.0, 2.0]).tolist() == pytest.approx([0.5, 1 / (1 + np.exp(-2.0))])
+
+
+def test_calibration_json_round_trips(tmp_path):
+    m, y = synthetic(0.6, -0.4, 500, seed=4)
+    fit = calib.calibrate(m, y, "rows")
+    calib.save(tmp_path, fit)
+    assert calib.load(tmp_path) == fit
+    missing = calib.load(tmp_path / "elsewhere")
+    assert missing.method == "identity" and "qbco eval" in missing.note
