@@ -231,32 +231,6 @@ def answers(run_dir: Path, config, tokenizer, model, entries: list[dict], delta:
     return records, kind
 
 
-def task_success(run_dir: str | Path, sampling=None, log=print) -> dict | None:
-    """Task success of base and tuned on the run's held-out prompts (greedy), when their rows carry checks:
-    what `qbco train` shows at the end. None when no held-out row has a check. No rewards: only the answers
-    and the checks (the base's answers usually come from the answer cache)."""
-    from qbco.config import load_run_config
-    from qbco.generate import RunModels, Sampling, answer_both
-    from qbco.models import default_device
-    from qbco.tasks import passes
-
-    run_dir = Path(run_dir)
-    config = load_run_config(run_dir / "config.yaml")
-    _, held = load_feedback(config.data, config.eval_fraction, config.seed)
-    entries = [e for e in distinct_prompts(held, None) if e["check"] is not None]
-    if not entries:
-        return None
-    sampling = sampling or Sampling()
-    started, device = time.perf_counter(), default_device()
-    log(f"checking base and tuned answers to {len(entries)} held-out prompts ({sampling.describe()}; qbco eval --generate has the details)")
-    run = RunModels(run_dir, device)
-    base, tuned = answer_both(run, [e["prompt"] for e in entries], sampling, device)
-    counts = {who: sum(passes(text, e["check"]) for text, e in zip(said, entries)) for who, said in (("base", base), ("tuned", tuned))}
-    return {"checked": len(entries), "success_counts": counts, "success": {w: c / len(entries) for w, c in counts.items()},
-            "changed": sum(b != t for b, t in zip(base, tuned)) / len(entries), "seconds": time.perf_counter() - started,
-            "kind": run.kind.removeprefix("run: "), "sampling": sampling.describe()}
-
-
 def answer_figures(records: list[dict], slice_by: str | None = None) -> dict:
     """How the tuned answers differ from the base's: share changed, length (tokens), reward under the run
     (mean, and the share of prompts where the tuned answer's reward is the higher) and task success where

@@ -123,25 +123,3 @@ def test_a_malformed_check_is_one_line_and_nothing_is_written(tmp_path, tiny_run
     assert len(result.output.strip().splitlines()) == 1 and not any(p.name.startswith("eval") for p in run.iterdir())
     result = runner.invoke(app, ["eval", str(run), "--generate", "--max-prompts", "0"])
     assert result.exit_code == 2 and "--max-prompts must be >= 1" in result.output
-
-
-def test_train_summary_shows_task_success_where_held_out_rows_carry_checks(tmp_path, tiny_model_dir):
-    """`qbco train` ends by answering the held-out prompts with base and tuned where their rows carry checks,
-    and shows both rates (the counts task_success gives, which are eval --generate's); without checks, no row."""
-    from qbco.evaluate import task_success
-
-    rows = [{**r, "check": {"kind": "mentions", "any": ["good"]}} for r in separable_rows(16)]
-    checked, plain = tmp_path / "checked.jsonl", tmp_path / "plain.jsonl"
-    checked.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    plain.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(16)), encoding="utf-8")
-    common = ["--model", str(tiny_model_dir), "--eval-fraction", "0.25", "--lr", "1e-2", "--beta", "0.5", "--max-steps", "3",
-              "--max-prompt-length", "32", "--max-completion-length", "16"]
-    result = runner.invoke(app, ["train", *common, "--data", str(checked), "--output", str(tmp_path / "a")], env={"COLUMNS": "250"})
-    assert result.exit_code == 0, (result.output, result.exception)
-    found = task_success(tmp_path / "a", log=lambda m: None)
-    n, counts = found["checked"], found["success_counts"]
-    assert n == 4  # a quarter of 16 prompts held out
-    flat = " ".join(result.output.split())
-    assert f"base {counts['base']}/{n} " in flat and f"tuned {counts['tuned']}/{n} " in flat and gen.CPU_FLOAT in flat
-    result = runner.invoke(app, ["train", *common, "--data", str(plain), "--output", str(tmp_path / "b")], env={"COLUMNS": "250"})
-    assert result.exit_code == 0 and "task success" not in result.output and "held-out reward accuracy" in result.output
