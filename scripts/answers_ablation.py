@@ -84,6 +84,7 @@ CANDIDATES = {
     "bco+lr1e-3": {"lr": 1e-3},
     "bco+sft1+lr3e-3": {"sft_weight": 1.0, "lr": 3e-3},
     "bco+sft3+lr1e-3": {"sft_weight": 3.0, "lr": 1e-3},
+    "bco+sft5+lr1e-3": {"sft_weight": 5.0, "lr": 1e-3},
     "bco+sft1+lr1e-3+beta0.3": {"sft_weight": 1.0, "lr": 1e-3, "beta": 0.3},
 }
 
