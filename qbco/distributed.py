@@ -137,7 +137,7 @@ class Parallel:
 
             from qbco.models import shard_decoder
 
-            self.root = shard_decoder(model, init_device_mesh(device.type, (self.world,)))
+            self.root = shard_decoder(model, init_device_mesh(device.type, (self.world,)), device)
             return
         from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -283,7 +283,10 @@ def load_policy(config, device: torch.device | None = None):
     device = device or default_device()
     path = resolve_model(config.model)
     tokenizer = load_tokenizer(path, config.trust_remote_code)
-    base = load_base(path, config.load_in_4bit, compute_dtype(config.dtype, device), device, config.trust_remote_code,
+    # Under FSDP the base is loaded (and quantized) in host memory; only each rank's shards go to its GPU
+    # (shard_decoder), so a base too big for one card never has to fit on one.
+    load_on = torch.device("cpu") if config.fsdp else device
+    base = load_base(path, config.load_in_4bit, compute_dtype(config.dtype, device), load_on, config.trust_remote_code,
                      config.fsdp)
     # auto starts from every layer; the training loop sets the n its memory plan chose (enable_checkpointing)
     every_n = None if config.gradient_checkpointing == "off" else 1
@@ -292,10 +295,11 @@ def load_policy(config, device: torch.device | None = None):
     return tokenizer, model, path
 
 
-def shard_decoder(model, mesh) -> torch.nn.Module:
+def shard_decoder(model, mesh, device: torch.device) -> torch.nn.Module:
     """FSDP2 over a PeftModel's decoder: `fully_shard` on every decoder layer (base and LoRA weights, their
-    gradients and AdamW's state sharded over the ranks), then on the decoder itself with its own weights
-    (embeddings, final norm) left whole, so that it is the root FSDP module every forward enters. Returns it.
+    gradients and AdamW's state sharded over the ranks; FSDP moves each rank's shards to `device`), then on
+    the decoder itself with its own weights (embeddings, final norm) left whole, so that it is the root FSDP
+    module every forward enters; what is left whole goes to `device` too. Returns the decoder.
 
     Why the root: with only the layers sharded each layer is a root of its own, and FSDP keeps a root's
     weights gathered after forward; the whole base then stays gathered, and the LoRA weights' requires_grad,
@@ -315,6 +319,16 @@ def shard_decoder(model, mesh) -> torch.nn.Module:
         fully_shard(layer, mesh=mesh)
     inside = {id(p) for p in layers.parameters()}
     fully_shard(decoder, mesh=mesh, ignored_params={p for p in decoder.parameters() if id(p) not in inside})
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                if not isinstance(p, DTensor) and p.device != device:
+                    p.data = p.data.to(device)  # a tied LM head is the same parameter: moved once
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.device != device:
+                    module._buffers[name] = buffer.to(device)
     return decoder
 
 

@@ -52,7 +52,14 @@ def train_job(job: dict) -> dict:
         result = train(config, progress=progress, log=lambda m: None, resume=config.output if job.get("resume") else None)
     except TrainingStopped as stop:
         return {"exit": stop.exit_code, "message": str(stop)}
-    return {"exit": 0, "processes": result.processes, "steps": result.steps}
+    return {"exit": 0, "processes": result.processes, "steps": result.steps, "cache_entries": cache_entries()}
+
+
+def cache_entries() -> int:
+    """Reference log-probs in this rank's cache (each rank has a folder of its own: conftest)."""
+    from qbco.models import cache_dir
+
+    return len(list((cache_dir() / "reference").glob("*.safetensors")))
 
 
 def fsdp_reference_job(job: dict) -> dict:

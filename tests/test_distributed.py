@@ -26,7 +26,7 @@ from qbco.config import build_config
 from qbco.data import load_feedback
 from qbco.distributed import Parallel
 from qbco.errors import QbcoError
-from qbco.prepare import step_windows
+from qbco.prepare import check_processes, step_windows
 from qbco.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +99,7 @@ def jobs(folder: Path, model: Path, data: Path) -> list[dict]:
         job("kto", loss="kto", batch_size=4, max_steps=4, load_in_4bit=False),
         job("dpo", loss="dpo", batch_size=2, max_steps=4, load_in_4bit=False),
         job("fsdp", **fsdp),
+        job("fsdp4", **{**fsdp, "load_in_4bit": True, "gradient_checkpointing": False, "max_steps": 3}),
         {**job("fsdp_cut", **fsdp), "stop_at": 3},
         {**job("fsdp_cut", **fsdp), "name": "fsdp_resume", "resume": True},
         {**job("fsdp_reference", batch_size=4, fsdp=True, load_in_4bit=False), "kind": "fsdp_reference"},
@@ -140,7 +141,11 @@ def test_ddp_equals_one_process_with_the_doubled_batch(two_ranks, tmp_path):
     for window in (next(windows), next(windows)):
         assert len({examples[i].label for i in window[0]}) == 1  # rank 0: one class
         assert len({examples[i].label for rows in window for i in rows}) == 2  # the window: both
-    assert [r["processes"] for r in report(two_ranks, "ddp")] == ["2 (DDP over gloo)"] * 2
+    ranks = report(two_ranks, "ddp")
+    assert [r["processes"] for r in ranks] == ["2 (DDP over gloo)"] * 2
+    # the reference pass, sharded, cached once: by rank 0 (train and held-out rows), never by rank 1, whose cache
+    # is another folder, as on another node; later jobs on the same rows read rank 0's and are still exact
+    assert [r["cache_entries"] for r in ranks] == [2, 0]
     assert_same_run(two_ranks / "ddp", one_process(two_ranks, "ddp", tmp_path))
     assert not list(two_ranks.glob("ddp/*.rank*")) and sorted(p.name for p in (two_ranks / "ddp").iterdir()) == [
         "adapter", "checkpoints", "config.yaml", "metrics.jsonl"]
@@ -155,10 +160,13 @@ def test_kto_and_dpo_equal_one_process(two_ranks, tmp_path):
 
 
 def test_fsdp_steps_equal_one_process(two_ranks, tmp_path):
-    """FSDP2 over the decoder layers (float base): per-step figures and the adapter equal one process. From
-    the second step on this fails if the LoRA weights stop training after a reference pass (models.shard_decoder)."""
+    """FSDP2 over the decoder layers: per-step figures and the adapter equal one process, for a float base and
+    for a 4-bit one (there without gradient checkpointing: backward then sees FSDP's gathered 4-bit weight
+    as a plain tensor, fused_lora._frozen_weight). From the second step on this fails if the LoRA weights
+    stop training after a reference pass (models.shard_decoder)."""
     assert [r["processes"] for r in report(two_ranks, "fsdp")] == ["2 (FSDP over gloo)"] * 2
-    assert_same_run(two_ranks / "fsdp", one_process(two_ranks, "fsdp", tmp_path))
+    for name in ("fsdp", "fsdp4"):
+        assert_same_run(two_ranks / name, one_process(two_ranks, name, tmp_path))
     assert len({round(m["grad_norm"], 6) for m in metrics(two_ranks / "fsdp")[:-1]}) == 4
 
 
@@ -231,6 +239,9 @@ def test_launch_settings_that_cannot_work_are_refused():
         Parallel.from_env(environ={"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
     p = Parallel.from_env(environ={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "ACCELERATE_USE_FSDP": "true"})
     assert (p.rank, p.world, p.local_rank, p.fsdp, p.main) == (1, 2, 1, True, False)
+    with pytest.raises(QbcoError, match="5 training units are fewer than one step's window of 8"):
+        check_processes(p, build_config(batch_size=4), [(i,) for i in range(5)], None)
+    check_processes(p, build_config(batch_size=4), [(i,) for i in range(8)], None)
 
 
 def test_share_cuts_a_window_into_the_single_process_micro_batches():
