@@ -213,7 +213,7 @@ def test_an_interrupted_run_resumed_equals_the_straight_run(two_ranks, kind):
 def test_resume_with_another_number_of_processes_is_refused(two_ranks):
     before = sorted(p.relative_to(two_ranks) for p in (two_ranks / "ddp_cut").rglob("*"))
     with pytest.raises(QbcoError, match=r"trained by 2 process\(es\) and this is 1.*torchrun --nproc-per-node 2"):
-        train(build_config(), resume=two_ranks / "ddp_cut", log=lambda m: None)
+        train(None, resume=two_ranks / "ddp_cut", log=lambda m: None)
     assert sorted(p.relative_to(two_ranks) for p in (two_ranks / "ddp_cut").rglob("*")) == before
 
 
@@ -240,8 +240,8 @@ def test_launch_settings_that_cannot_work_are_refused():
     p = Parallel.from_env(environ={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "ACCELERATE_USE_FSDP": "true"})
     assert (p.rank, p.world, p.local_rank, p.fsdp, p.main) == (1, 2, 1, True, False)
     with pytest.raises(QbcoError, match="5 training units are fewer than one step's window of 8"):
-        check_processes(p, build_config(batch_size=4), [(i,) for i in range(5)], None)
-    check_processes(p, build_config(batch_size=4), [(i,) for i in range(8)], None)
+        check_processes(p, build_config(batch_size=4), [(i,) for i in range(5)], Path("run"), None)
+    check_processes(p, build_config(batch_size=4), [(i,) for i in range(8)], Path("run"), None)
 
 
 def test_share_cuts_a_window_into_the_single_process_micro_batches():
@@ -258,6 +258,7 @@ def test_share_cuts_a_window_into_the_single_process_micro_batches():
             assert [rows for rows, _, _ in shares] == [single[m][2 * rank : 2 * rank + 2] for m in range(2)]
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_accelerate_launch_checkpoints_every_rank_and_torchrun_resume_finishes(tmp_path, tiny_model_dir):
     """The real launchers: `accelerate launch --multi-gpu --num-processes 2 --no-python qbco train`, SIGINT to
     accelerate (as Ctrl-C in a terminal: the workers are in a session of their own, the launcher forwards
