@@ -147,14 +147,6 @@ class Parallel:
         kwargs["forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"] = False
         self.ddp = DDP(_PolicyLogps(model), device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
 
-    def logps(self, model, input_ids, attention_mask, completion_mask, chunk) -> torch.Tensor:
-        """The policy's log-probs with gradient: through DDP when there is one (its gradient sync needs its forward)."""
-        if self.ddp is not None:
-            return self.ddp(input_ids, attention_mask, completion_mask, chunk)
-        from qbco.logprobs import completion_logps
-
-        return completion_logps(model, input_ids, attention_mask, completion_mask, chunk)
-
     @property
     def loss_scale(self) -> int:
         """Backward of (loss x world): DDP and FSDP average gradients over ranks, the window's loss is their sum."""

@@ -12,6 +12,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -110,7 +111,8 @@ def optimizer_step(run: Run, window: list[list[int]]) -> dict:
     mine = par.share(window)  # with one process: every micro-batch of the window
     for k, (rows, group, where) in enumerate(mine):
         with par.accumulating(last=k == len(mine) - 1):
-            out = run.objective.loss(micro_batch(run, rows, group, where), frozen)
+            shared = () if par.world == 1 else (group, where)  # one process: the micro-step's rows are its own
+            out = run.objective.loss(micro_batch(run, rows, *shared), frozen)
             scaled = out.loss * par.loss_scale if par.world > 1 else out.loss  # DDP / FSDP average over ranks
             (scaler.scale(scaled) if scaler else scaled).backward()
         loss += out.loss.item()
@@ -152,11 +154,14 @@ def optimizer_step(run: Run, window: list[list[int]]) -> dict:
     }
 
 
-def micro_batch(run: Run, rows: list[int], group: list[int], mine: slice) -> MicroBatch:
+def micro_batch(run: Run, rows: list[int], group: list[int] | None = None, mine: slice | None = None) -> MicroBatch:
     """The policy's log-probs of these training rows (with gradient), beside their cached reference log-probs.
-    `group` is the micro-step's rows across all ranks, group[mine] == rows (with one process, group is rows)."""
+    `group` is the micro-step's rows across all ranks, group[mine] == rows (default, one process: rows itself)."""
     b = collate(run.train_rows, rows, run.tokenizer.pad_token_id).to(run.device)
-    policy = run.parallel.logps(run.model, b.input_ids, b.attention_mask, b.completion_mask, run.config.logprob_chunk)
+    # Under DDP through its wrapper: it syncs the gradients of what its forward computed.
+    logps = run.parallel.ddp if run.parallel.ddp is not None else partial(completion_logps, run.model)
+    policy = logps(b.input_ids, b.attention_mask, b.completion_mask, run.config.logprob_chunk)
+    group, mine = (rows, slice(0, len(rows))) if group is None else (group, mine)
     mismatched = mismatched_logps(run, group, mine) if run.objective.needs_mismatched else None
     return MicroBatch(policy, run.ref_train[rows].to(run.device), b.labels, mismatched)
 
