@@ -121,6 +121,10 @@ def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None
         raise QbcoError(f"--resume {out}: the run is at step {checkpoint_step(since)}, past the {total_steps} steps "
                         "that --max-steps / --epochs now allow; give more")
     device = parallel.device()
+    if parallel.fsdp and compute_dtype(config.dtype, device) == torch.float16:
+        # fp16's GradScaler would see only this rank's gradient shard: ranks could skip different steps
+        raise QbcoError("--fsdp trains in bf16 or fp32, not fp16 (its loss scaler's overflow check would see one "
+                        "rank's shard of the gradients); use --dtype bf16 (or fp32), or DDP without --fsdp")
     log_memory_estimate(config, device, log)
 
     parallel.start(device)

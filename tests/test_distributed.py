@@ -26,7 +26,7 @@ from qbco.config import build_config
 from qbco.data import load_feedback
 from qbco.distributed import Parallel
 from qbco.errors import QbcoError
-from qbco.prepare import check_processes, step_windows
+from qbco.prepare import check_processes, prepare_run, step_windows
 from qbco.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,7 +232,7 @@ def test_bad_input_fails_on_every_rank_before_any_process_group(tmp_path, tiny_m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
 
 
-def test_launch_settings_that_cannot_work_are_refused():
+def test_launch_settings_that_cannot_work_are_refused(tmp_path, tiny_model_dir):
     with pytest.raises(QbcoError, match="--fsdp shards the base over several processes"):
         Parallel.from_env(fsdp=True, environ={})
     with pytest.raises(QbcoError, match="add --multi-gpu"):  # accelerate's simple launcher: one process for several
@@ -242,6 +242,10 @@ def test_launch_settings_that_cannot_work_are_refused():
     with pytest.raises(QbcoError, match="5 training units are fewer than one step's window of 8"):
         check_processes(p, build_config(batch_size=4), [(i,) for i in range(5)], Path("run"), None)
     check_processes(p, build_config(batch_size=4), [(i,) for i in range(8)], Path("run"), None)
+    with pytest.raises(QbcoError, match="--fsdp trains in bf16 or fp32, not fp16"):  # before any process group
+        prepare_run(build_config(model=str(tiny_model_dir), data=str(ROOT / "qbco/resources/demo.jsonl"), fsdp=True,
+                                 dtype="fp16", output=str(tmp_path / "run")), log=lambda m: None, parallel=p)
+    assert not (tmp_path / "run").exists()
 
 
 def test_share_cuts_a_window_into_the_single_process_micro_batches():
