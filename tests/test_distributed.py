@@ -148,7 +148,7 @@ def test_ddp_equals_one_process_with_the_doubled_batch(two_ranks, tmp_path):
     assert [r["cache_entries"] for r in ranks] == [2, 0]
     assert_same_run(two_ranks / "ddp", one_process(two_ranks, "ddp", tmp_path))
     assert not list(two_ranks.glob("ddp/*.rank*")) and sorted(p.name for p in (two_ranks / "ddp").iterdir()) == [
-        "adapter", "checkpoints", "config.yaml", "metrics.jsonl"]
+        "adapter", "calibration.json", "checkpoints", "config.yaml", "metrics.jsonl"]
 
 
 def test_kto_and_dpo_equal_one_process(two_ranks, tmp_path):
