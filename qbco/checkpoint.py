@@ -2,9 +2,11 @@
 
 RUN/checkpoints/step-00000050/ holds the adapter (peft safetensors), state.pt (optimizer, scheduler, torch
 RNG states, the fp16 loss scaler's; read back with weights_only=True) and state.json (step, elapsed time,
-reward-shift state, and the fingerprint of the inputs). The data order needs no state of its own: it is a
-pure function of (seed, epoch) over the training rows, so the step number says where the run stands in it,
-as long as the rows are the same; the fingerprint is how a resume knows they are.
+reward-shift state, the fingerprint of the inputs, the number of processes). The data order needs no state
+of its own: it is a pure function of (seed, epoch) over the training rows, so the step number says where the
+run stands in it, as long as the rows are the same; the fingerprint is how a resume knows they are. With
+several processes every rank takes part (under FSDP the adapter and the optimizer state are gathered from
+their shards), rank 0 alone writes, and state.pt holds every rank's RNG states.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from qbco.distributed import Parallel
 from qbco.errors import QbcoError
 from qbco.run_folder import DiskFull, atomic_folder
 
@@ -51,20 +54,43 @@ def rng_state() -> dict:
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, elapsed_s: float, shift_state: dict,
-                    keep: int, inputs: dict | None = None, rng: dict | None = None, scaler=None) -> Path:
+                    keep: int, inputs: dict | None = None, rng: dict | None = None, scaler=None,
+                    parallel: Parallel | None = None) -> Path:
     """RUN/checkpoints/step-NNNNNNNN, whole or not at all; `rng` is the RNG state to record (default: now's).
-    On a full disk the older checkpoints stay as they are and the error says how to go on."""
+    On a full disk the older checkpoints stay as they are and the error says how to go on. Every rank of
+    several calls it (`parallel`); rank 0 alone writes."""
+    parallel = parallel or Parallel()
     folder = run_dir / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{PREFIX}{step:08d}"
+    rng = rng or rng_state()
+    adapter, optimizer_state = parallel.adapter_state(model), parallel.optimizer_state(model, optimizer)
+    rank_rng = parallel.gather_rng(rng)
+    failed = None
+    if parallel.main:
+        try:
+            write_checkpoint(run_dir, target, model, adapter, optimizer_state, scheduler, step, elapsed_s, shift_state,
+                             keep, inputs, rng, rank_rng, scaler, parallel.world)
+        except QbcoError as err:
+            failed = err
+    # Every rank waits for rank 0's write (no rank exits on a stop while it is still writing), and stops with it.
+    if parallel.any(failed is not None):
+        raise failed or QbcoError(f"rank 0 could not write checkpoint {target.name}; its message says why")
+    return target
+
+
+def write_checkpoint(run_dir, target, model, adapter, optimizer_state, scheduler, step, elapsed_s, shift_state, keep,
+                     inputs, rng, rank_rng, scaler, world) -> None:
+    folder = target.parent
     try:
         with atomic_folder(target) as tmp:
-            model.save_pretrained(tmp)
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **(rng or rng_state()),
+            model.save_pretrained(tmp, state_dict=adapter)
+            state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **rng,
                      "scaler": scaler.state_dict() if scaler is not None else {}}  # fp16: the loss scale reached
+            if rank_rng is not None:
+                state["rank_rng"] = rank_rng
             torch.save(state, tmp / "state.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed_s, "shift": shift_state,
-                                                        "inputs": inputs or {}}))
+                                                        "inputs": inputs or {}, "world": world}))
     except DiskFull as full:
         kept = [p for p in checkpoint_dirs(run_dir) if p != target]
         last = f"the last complete checkpoint, {kept[-1].name}, is intact" if kept else "no checkpoint was written"
@@ -75,20 +101,21 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, elaps
     return target
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler=None) -> dict:
+def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler=None, parallel: Parallel | None = None) -> dict:
     """Restore adapter, optimizer, scheduler, RNG and (fp16) loss-scaler states in place; returns state.json's contents."""
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    parallel = parallel or Parallel()
+    parallel.load_adapter(model, load_file(folder / "adapter_model.safetensors"))
     state = torch.load(folder / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    parallel.load_optimizer(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    parallel.set_rng_state(state.get("rank_rng"))
     return json.loads((folder / "state.json").read_text())
 
 
@@ -163,3 +190,8 @@ def describe_change(part: str, then: str, now: str) -> str:
     if part.startswith("loading"):
         return f"the {part} ({then} then, {now} now)"
     return f"the {part}"
+
+
+def checkpoint_world(folder: Path) -> int:
+    """How many processes trained the run up to this checkpoint (1 for checkpoints from before they could be several)."""
+    return int(json.loads((folder / "state.json").read_text()).get("world", 1))

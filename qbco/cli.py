@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qbco.allocator import active, restart_under_mimalloc
+from qbco.distributed import launched_rank
 from qbco.errors import QbcoError
 
 app = typer.Typer(
@@ -37,11 +38,14 @@ console = Console(stderr=True)
 
 @contextmanager
 def user_errors():
-    """A QbcoError is one red line and exit code 2, never a traceback."""
+    """A QbcoError is one red line and exit code 2, never a traceback (on every rank under a launcher, the
+    others' lines naming their rank: one rank's own problem, a file missing on one node, is seen too)."""
     try:
         yield
     except QbcoError as err:  # escaped: a message may hold brackets ("pip install 'qbco[eval]'") that are not markup
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        rank = launched_rank()
+        console.print(f"[bold red]error:[/] {f'rank {rank}: ' if rank else ''}{escape(str(err))}", highlight=False,
+                      soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -125,6 +129,7 @@ def train(
     keep: Optional[int] = typer.Option(None, help="Checkpoints kept in RUN/checkpoints. (default: 2)"),
     allow_one_class: Optional[bool] = typer.Option(None, "--allow-one-class", help="Train BCO on data that holds only thumbs-up or only thumbs-down rows. (default: refuse)"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Run the Python code a hub model ships. (default: off)"),
+    fsdp: Optional[bool] = typer.Option(None, "--fsdp", help="Under torchrun or accelerate launch: shard the decoder layers over the processes with FSDP2 (for a base too big for one GPU) instead of a copy per process (DDP). See docs/distributed.md. (default: DDP)"),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run from its last checkpoint, with its own config.yaml; only --lr, --max-steps, --epochs, --save-every, --keep, --memory-budget, --gradient-checkpointing (recorded in config.yaml) and --quiet may be given with it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run that --output already holds."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table; for scripts."),
@@ -146,7 +151,7 @@ def train(
             warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
             load_in_4bit=load_in_4bit, dtype=dtype, gradient_checkpointing=gradient_checkpointing, memory_budget=memory_budget,
             logprob_chunk=logprob_chunk, save_every=save_every, keep=keep, allow_one_class=allow_one_class,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, fsdp=fsdp,
         )
         if matched and not quiet:
             _log(matched)
@@ -154,20 +159,26 @@ def train(
         from qbco.train import TrainingStopped
         from qbco.train import train as run_training
 
+        main_rank = launched_rank() == 0  # under a launcher, rank 0 alone shows progress, messages and the summary
         try:
-            result = _run(run_training, config, quiet, resume, overwrite)
+            result = _run(run_training, config, quiet or not main_rank, resume, overwrite)
         except TrainingStopped as stop:  # reported even with --quiet: it says how to go on
-            console.print(f"[bold yellow]stopped:[/] {escape(str(stop))}", highlight=False, soft_wrap=True)
+            if main_rank:
+                console.print(f"[bold yellow]stopped:[/] {escape(str(stop))}", highlight=False, soft_wrap=True)
             raise typer.Exit(stop.exit_code) from None
         except KeyboardInterrupt:
-            console.print("[bold yellow]interrupted:[/] exited at once; checkpoints are written whole, so the last one "
-                          "is intact (qbco train --resume RUN continues from it, or from the start if none was written)",
-                          highlight=False, soft_wrap=True)
+            if main_rank:
+                console.print("[bold yellow]interrupted:[/] exited at once; checkpoints are written whole, so the last "
+                              "one is intact (qbco train --resume RUN continues from it, or from the start if none was "
+                              "written)", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
+    if not main_rank:
+        return
     if not quiet:
         table = Table(title=f"qbco train: {result.output}", show_header=False)
         rows = [
             ("steps", str(result.steps)),
+            ("processes", result.processes),
             ("time", f"{result.elapsed_s:.1f} s"),
             ("tokens/s", f"{result.tokens_per_s:.0f}"),
             ("peak memory", f"{result.peak_memory_mb:.0f} MiB"),

@@ -58,6 +58,7 @@ class TrainConfig:
     keep: int = 2  # checkpoints kept
     allow_one_class: bool = False  # train on data with one class only (BCO's delta then tracks that class alone)
     trust_remote_code: bool = False  # run a hub model's own Python code
+    fsdp: bool = False  # under a launcher: shard the decoder layers with FSDP2 instead of DDP's copy per rank
 
     def validate(self) -> "TrainConfig":
         from qbco.objectives import OBJECTIVES

@@ -28,10 +28,12 @@ import torch
 def _frozen_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """[out, in] weight of a bitsandbytes Linear4bit (dequantized) or an nn.Linear, in `dtype`."""
     weight = layer.weight
-    if getattr(weight, "quant_state", None) is not None:
+    # Under FSDP the gathered 4-bit weight is a plain tensor; bitsandbytes keeps the state on the layer too.
+    state = getattr(weight, "quant_state", None) or getattr(layer, "quant_state", None)
+    if state is not None:
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data.view(-1, 1), weight.quant_state).to(dtype)
+        return bnbf.dequantize_4bit(weight.data.view(-1, 1), state).to(dtype)
     return weight.to(dtype)
 
 

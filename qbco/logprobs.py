@@ -272,7 +272,7 @@ def completion_logps(
     if chunk is None:
         chunk = chunk_tokens(causal_lm(model).get_output_embeddings().weight.shape[0])
     ends = (attention_mask * torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)).amax(1)
-    groups = length_groups(ends.tolist(), group_overhead(input_ids.device))
+    groups = [list(range(len(ends)))] if sharded(model) else length_groups(ends.tolist(), group_overhead(input_ids.device))
     if len(groups) <= 1:
         if not groups:
             return torch.zeros(0, device=input_ids.device, dtype=torch.float32)
@@ -287,6 +287,16 @@ def completion_logps(
         )
     order = torch.tensor([i for group in groups for i in group], device=input_ids.device)
     return torch.cat(parts)[torch.argsort(order)]
+
+
+def sharded(model: torch.nn.Module) -> bool:
+    """A decoder sharded by FSDP runs every forward on all ranks together, so each batch takes exactly one
+    decoder call there (length_groups would cut the ranks' batches into different numbers of calls)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(causal_lm(model).get_decoder(), FSDPModule)
 
 
 def chunk_tokens(vocab_size: int) -> int:
@@ -344,12 +354,15 @@ def dataset_logps(model, encoded: list[Encoded], batch_size: int, pad_id: int, d
 
 
 def reference_logps(model, encoded, batch_size, pad_id, device, chunk, cache_key: str | None = None,
-                    on_rows=None) -> torch.Tensor:
+                    on_rows=None, parallel=None) -> torch.Tensor:
     """One no-grad pass of the reference (adapters disabled) over a dataset; every later step reuses it.
     With a cache_key (qbco.refcache.cache_key) the result is read from, or written to, the disk cache, batch
     by batch: an interrupted pass keeps its finished batches (refcache.ReferenceInterrupted says how many).
     `on_rows` hears the pass's progress as in dataset_logps; a result read from the cache needs no pass and
-    says nothing."""
+    says nothing. With several processes (a qbco.distributed.Parallel) each computes its share of the rows,
+    every one gets all the values, and rank 0 alone reads or writes the cache (Parallel.reference_pass)."""
+    if parallel is not None and parallel.world > 1:
+        return parallel.reference_pass(model, encoded, batch_size, pad_id, device, chunk, cache_key, on_rows)
     if cache_key is None or not encoded:
         with reference(model):
             return dataset_logps(model, encoded, batch_size, pad_id, device, chunk, on_rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import inspect
 import os
 import shutil
 import sys
@@ -148,10 +149,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_base(path: str, load_in_4bit: bool, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
+def load_base(path: str, load_in_4bit: bool, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
+              fsdp: bool = False):
     """The frozen base: NF4 with double quantization (compute in `dtype`), or plain `dtype` weights.
     Weights are read from safetensors only; a hub model's own code runs only with trust_remote_code. A model
-    whose forward changes its logits in a way qbco's log-prob path does not reproduce is refused."""
+    whose forward changes its logits in a way qbco's log-prob path does not reproduce is refused.
+    To be sharded by FSDP the packed 4-bit codes are stored in the compute dtype, as the FSDP-QLoRA guides
+    of peft and bitsandbytes say (the same bytes, viewed as floats: the model computes the same)."""
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     from qbco.logprobs import check_against_forward, logit_transform  # here: qbco.logprobs imports this module
@@ -163,7 +167,7 @@ def load_base(path: str, load_in_4bit: bool, dtype: torch.dtype, device: torch.d
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=dtype if fsdp else torch.uint8,
         )
         kwargs["device_map"] = {"": device}
     try:
@@ -279,12 +283,53 @@ def load_policy(config, device: torch.device | None = None):
     device = device or default_device()
     path = resolve_model(config.model)
     tokenizer = load_tokenizer(path, config.trust_remote_code)
-    base = load_base(path, config.load_in_4bit, compute_dtype(config.dtype, device), device, config.trust_remote_code)
+    # Under FSDP the base is loaded (and quantized) in host memory; only each rank's shards go to its GPU
+    # (shard_decoder), so a base too big for one card never has to fit on one.
+    load_on = torch.device("cpu") if config.fsdp else device
+    base = load_base(path, config.load_in_4bit, compute_dtype(config.dtype, device), load_on, config.trust_remote_code,
+                     config.fsdp)
     # auto starts from every layer; the training loop sets the n its memory plan chose (enable_checkpointing)
     every_n = None if config.gradient_checkpointing == "off" else 1
     model = attach_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, every_n)
     model.train()
     return tokenizer, model, path
+
+
+def shard_decoder(model, mesh, device: torch.device) -> torch.nn.Module:
+    """FSDP2 over a PeftModel's decoder: `fully_shard` on every decoder layer (base and LoRA weights, their
+    gradients and AdamW's state sharded over the ranks; FSDP moves each rank's shards to `device`), then on
+    the decoder itself with its own weights (embeddings, final norm) left whole, so that it is the root FSDP
+    module every forward enters; what is left whole goes to `device` too. Returns the decoder.
+
+    Why the root: with only the layers sharded each layer is a root of its own, and FSDP keeps a root's
+    weights gathered after forward; the whole base then stays gathered, and the LoRA weights' requires_grad,
+    which peft switches off and on around every reference forward (`reference`), lands on the gathered
+    copies, which FSDP overwrites from the shards: from the second step on, no LoRA weight trains, with no
+    error (measured here; docs/distributed.md). The embeddings stay replicated: the LM head, tied to them in
+    many models, is applied to the hidden states outside any FSDP forward (qbco.logprobs)."""
+    from torch.distributed.fsdp import fully_shard
+
+    if "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise QbcoError(f"--fsdp needs torch >= 2.7 (FSDP2's fully_shard with ignored_params); this is {torch.__version__}")
+    decoder = model.get_base_model().get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise QbcoError(f"--fsdp: {type(decoder).__name__} has no .layers to shard")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    inside = {id(p) for p in layers.parameters()}
+    fully_shard(decoder, mesh=mesh, ignored_params={p for p in decoder.parameters() if id(p) not in inside})
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                if not isinstance(p, DTensor) and p.device != device:
+                    p.data = p.data.to(device)  # a tied LM head is the same parameter: moved once
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.device != device:
+                    module._buffers[name] = buffer.to(device)
+    return decoder
 
 
 @contextmanager

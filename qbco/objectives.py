@@ -103,12 +103,13 @@ class Objective:
             out.sft_nll = nll.detach()
         return out
 
-    def record(self, outputs: list[LossOutput]) -> dict:
+    def record(self, outputs: list[LossOutput], total=float) -> dict:
         """What this objective adds to the step's record: each `logged` field, averaged over the micro-batches;
-        with --sft-weight the window's per-token NLL of its thumbs-up rows (`sft_nll`, nats per token)."""
+        with --sft-weight the window's per-token NLL of its thumbs-up rows (`sft_nll`, nats per token). `total`
+        adds a rank's share to the other ranks' (several processes: qbco.distributed's sum)."""
         record = {key: sum(float(getattr(o, key)) for o in outputs) / len(outputs) for key in self.logged}
         if self.sft_weight:
-            record["sft_nll"] = sum(float(o.sft_nll) for o in outputs)  # each micro-batch's share of the window's mean
+            record["sft_nll"] = total(sum(float(o.sft_nll) for o in outputs))  # each micro-batch's share of the window's mean
         return record
 
 

@@ -6,6 +6,7 @@ resume may change. `prepare_run` returns it all as one `Run`, which the loop in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -18,6 +19,7 @@ import torch
 from qbco.checkpoint import (
     check_inputs,
     checkpoint_dirs,
+    checkpoint_world,
     data_fingerprint,
     load_checkpoint,
     model_fingerprint,
@@ -35,9 +37,10 @@ from qbco.config import (
     save_config,
 )
 from qbco.data import Encoded, check_data_source, encode_all, epoch_order, load_feedback
+from qbco.distributed import Parallel
 from qbco.errors import QbcoError, TrainingStopped
 from qbco.logprobs import reference_logps
-from qbco.models import apply_checkpointing, cache_dir, compute_dtype, default_device, load_policy, resolve_model
+from qbco.models import apply_checkpointing, cache_dir, compute_dtype, load_policy, resolve_model
 from qbco.objectives import Objective, build_objective
 from qbco.progress import Wait
 from qbco.refcache import ReferenceInterrupted, cache_key
@@ -65,8 +68,9 @@ class Run:
     shift: RewardShift
     steps_per_epoch: int
     total_steps: int
-    windows: Iterator[list[list[int]]]  # every optimizer step's rows, cut into micro-batches
+    windows: Iterator[list[list[int]]]  # every optimizer step's rows, cut into micro-batches (rank after rank)
     scaler: torch.amp.GradScaler | None = field(init=False, default=None)  # fp16 only: see loss_scaler
+    parallel: Parallel = field(default_factory=Parallel)  # this process among the run's processes
     start_step: int = 0  # the step a resumed run continues after
     elapsed_before: float = 0.0  # training seconds before the resume
     started: float = field(default_factory=time.perf_counter)
@@ -87,32 +91,47 @@ class Run:
     def checkpoint(self, step: int, rng: dict | None = None) -> Path:
         """RUN/checkpoints/step-N; `rng`: the RNG state to record when it is not now's (a failed step's)."""
         return save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, step, self.elapsed(),
-                               self.shift.state_dict(), self.config.keep, self.inputs, rng, self.scaler)
+                               self.shift.state_dict(), self.config.keep, self.inputs, rng, self.scaler, self.parallel)
 
 
 def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None = None, overwrite: bool = False,
-                progress=None) -> Run:
+                progress=None, parallel: Parallel | None = None) -> Run:
     """The run `config` describes, or the run at `resume` ready to continue: with its own config.yaml, but for
     the settings config.RESUME_OVERRIDES lets a resume change (`config` carries them; None changes nothing).
-    `progress` (the CLI's rich Progress, or None) shows the reference pass."""
+    `progress` (the CLI's rich Progress, or None) shows the reference pass. `parallel`: this process among
+    several under a launcher (qbco/distributed.py); default: the launcher's."""
     config, out, changes = run_folder(config, resume, overwrite)
+    parallel = parallel or Parallel.from_env(config.fsdp)
+    if parallel.fsdp and not config.fsdp:  # asked for by accelerate's FSDP config: config.yaml says so
+        config = dataclasses.replace(config, fsdp=True)
     since = checkpoint_dirs(out)[-1] if resume is not None and checkpoint_dirs(out) else None
     saved = saved_inputs(since) if since else {}
     check_data_source(config.data)  # a typo fails here, before a model is converted or loaded
     resolve_model(config.model, log)  # an unknown name fails here, before anything is loaded or written
-    # Everything that can fail on the user's input fails before the run folder is touched.
+    # Everything that can fail on the user's input fails before the run folder is touched (and, with several
+    # processes, on every rank before any of them joins the process group).
     train_examples, eval_examples = load_feedback(config.data, config.eval_fraction, config.seed)
     inputs = data_fingerprint(train_examples, eval_examples)
     check_inputs(out, since, saved, inputs)  # before the model loads: an edited file is refused at once
     objective = build_objective(config, train_examples)
     units = objective.units(train_examples)
-    steps_per_epoch, total_steps = step_counts(config, len(units))
+    check_processes(parallel, config, units, out, since)
+    steps_per_epoch, total_steps = step_counts(config, len(units), parallel.world)
     if since is not None and checkpoint_step(since) > total_steps:
         raise QbcoError(f"--resume {out}: the run is at step {checkpoint_step(since)}, past the {total_steps} steps "
                         "that --max-steps / --epochs now allow; give more")
-    device = default_device()
+    device = parallel.device()
+    if parallel.fsdp and compute_dtype(config.dtype, device) == torch.float16:
+        # fp16's GradScaler would see only this rank's gradient shard: ranks could skip different steps
+        raise QbcoError("--fsdp trains in bf16 or fp32, not fp16 (its loss scaler's overflow check would see one "
+                        "rank's shard of the gradients); use --dtype bf16 (or fp32), or DDP without --fsdp")
     log_memory_estimate(config, device, log)
 
+    parallel.start(device)
+    out = parallel.same(out)  # a default folder is named by the clock: rank 0's
+    if parallel.world > 1:
+        log(f"processes: {parallel.describe()}; each step's {config.batch_size * config.grad_accum * parallel.world} "
+            f"rows cut into {config.batch_size} per process and micro-step")
     torch.manual_seed(config.seed)  # the LoRA initialisation
     tokenizer, model, base_path = load_policy(config, device)
     train_rows, eval_rows = (encode_all(e, tokenizer, config.max_prompt_length, config.max_completion_length)
@@ -124,16 +143,18 @@ def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None
     checkpointing = apply_checkpointing(model, config, train_rows + eval_rows, device)  # k from the longest rows
     if checkpointing is not None:
         log(checkpointing.estimate.line(config, checkpointing.every_n, checkpointing.budget))
-    if resume is None:
+    if resume is None and parallel.main:
         publish(out, config)
+    parallel.wrap(model, device)
 
     ref_train, ref_eval = reference_pass(model, tokenizer, train_rows, eval_rows, config, base_path, dtype, device, out,
-                                         since, log, progress)
+                                         since, log, progress, parallel)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     run = Run(config, out, device, tokenizer, model, objective, train_rows, eval_rows, ref_train, ref_eval,
               optimizer, schedule(optimizer, config.warmup_ratio, total_steps), RewardShift(config.ema_decay),
-              steps_per_epoch, total_steps, step_windows(units, config), inputs=inputs, checkpointing=checkpointing)
+              steps_per_epoch, total_steps, step_windows(units, config, parallel.world), inputs=inputs,
+              checkpointing=checkpointing, parallel=parallel)
     if resume is not None:
         restore(run, since, changes, log)
     return run
@@ -163,15 +184,28 @@ def run_folder(config: TrainConfig | None, resume, overwrite: bool) -> tuple[Tra
     return (config if changes else saved), out, changes
 
 
-def step_counts(config: TrainConfig, units: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, steps of the run): partial windows are dropped; --max-steps caps the total."""
-    per_epoch = max(1, units // (config.batch_size * config.grad_accum))
+def step_counts(config: TrainConfig, units: int, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps of the run): partial windows (batch x accumulation x processes) are
+    dropped; --max-steps caps the total."""
+    per_epoch = max(1, units // (config.batch_size * config.grad_accum * world))
     total = math.ceil(config.epochs * per_epoch)
     return per_epoch, total if config.max_steps is None else min(total, config.max_steps)
 
 
 def checkpoint_step(folder: Path) -> int:
     return json.loads((folder / "state.json").read_text())["step"]
+
+
+def check_processes(parallel: Parallel, config: TrainConfig, units: list, out: Path, since: Path | None) -> None:
+    """Under a launcher: a resumed run keeps its number of processes (`since`: its last checkpoint), and every
+    rank needs a full share of a window (the step's rows are cut into equal per-rank micro-batches)."""
+    if since is not None:
+        parallel.check_resume(str(out), checkpoint_world(since))
+    window = config.batch_size * config.grad_accum * parallel.world
+    if parallel.world > 1 and len(units) < window:
+        raise QbcoError(f"{config.data}: {len(units)} training units are fewer than one step's window of {window} "
+                        f"(batch size {config.batch_size} x accumulation {config.grad_accum} x {parallel.world} processes); "
+                        "lower --batch-size or use fewer processes")
 
 
 def publish(out: Path, config: TrainConfig) -> None:
@@ -185,7 +219,8 @@ def publish(out: Path, config: TrainConfig) -> None:
     save_config(config, out / "config.yaml")
 
 
-def reference_pass(model, tokenizer, train_rows, eval_rows, config, base_path, dtype, device, out, since, log, progress=None):
+def reference_pass(model, tokenizer, train_rows, eval_rows, config, base_path, dtype, device, out, since, log, progress=None,
+                   parallel: Parallel | None = None):
     """The reference log-probs of the training and held-out rows (one pass each, cached on disk in parts), on
     one progress bar. Ctrl-C keeps the finished part in the cache and stops with a message that says so and how
     to go on (`since`: the checkpoint a resumed run continues from, which stays as it was)."""
@@ -195,7 +230,7 @@ def reference_pass(model, tokenizer, train_rows, eval_rows, config, base_path, d
         key = cache_key(base_path, config.load_in_4bit, dtype, device, rows)
         try:
             values.append(reference_logps(model, rows, config.batch_size, tokenizer.pad_token_id, device,
-                                          config.logprob_chunk, key, wait.after(done)))
+                                          config.logprob_chunk, key, wait.after(done), parallel))
         except ReferenceInterrupted as cut:
             total = len(train_rows) + len(eval_rows)
             raise TrainingStopped(
@@ -248,13 +283,16 @@ def schedule(optimizer, warmup_ratio: float, total_steps: int):
     )
 
 
-def step_windows(units: list[tuple[int, ...]], config: TrainConfig) -> Iterator[list[list[int]]]:
+def step_windows(units: list[tuple[int, ...]], config: TrainConfig, world: int = 1) -> Iterator[list[list[int]]]:
     """The rows of every optimizer step, epoch after epoch (each reshuffled), cut into micro-batches.
 
     A step's rows do not depend on how they are cut: batch 8 x accumulation 1 and batch 2 x accumulation 4
-    see the same rows and make the same update. A micro-batch of pair units holds [chosen..., rejected...].
+    see the same rows and make the same update, and so do 2 processes x batch 4 (a window is batch x
+    accumulation x world units; its micro-batches are ordered micro-step after micro-step, rank after rank,
+    so one process's micro-batch m of batch 8 is the two ranks' micro-batches m). A micro-batch of pair
+    units holds [chosen..., rejected...]: a pair stays whole on one rank.
     """
-    window = config.batch_size * config.grad_accum
+    window = config.batch_size * config.grad_accum * world
     epoch = 0
     while True:
         for order in epoch_order(len(units), window, config.seed, epoch):
@@ -268,21 +306,24 @@ def restore(run: Run, since: Path | None, changes: dict, log) -> None:
     weights, optimizer, scheduler, RNG and reward shift restored, the data order advanced past the steps done
     (it is a pure function of (seed, epoch)), the metrics log cut back to the checkpoint's step, and each
     override recorded in config.yaml."""
-    remove_leftovers(run.out)
+    if run.parallel.main:
+        remove_leftovers(run.out)
     if since is not None:
-        state = load_checkpoint(since, run.model, run.optimizer, run.scheduler, run.scaler)
+        state = load_checkpoint(since, run.model, run.optimizer, run.scheduler, run.scaler, run.parallel)
         run.start_step, run.elapsed_before = state["step"], state["elapsed_s"]
         run.shift.load_state_dict(state["shift"])
         if changes.keys() & {"lr", "max_steps", "epochs"}:
             reschedule(run.optimizer, run.scheduler, run.config.lr)
     for _ in range(run.start_step):
         next(run.windows)
-    keep_steps(run.out / "metrics.jsonl", run.start_step)
+    if run.parallel.main:
+        keep_steps(run.out / "metrics.jsonl", run.start_step)
     said = ""
     if changes:
         said = ", ".join(f"{k} {new!r} (was {old!r})" for k, (old, new) in changes.items())
         path = run.out / "config.yaml"
-        save_config(run.config, path, config_notes(path) + [f"--resume at step {run.start_step}: {said}"])
+        if run.parallel.main:
+            save_config(run.config, path, config_notes(path) + [f"--resume at step {run.start_step}: {said}"])
         said = f"; changed: {said}"
     log(f"resumed {run.out} at step {run.start_step} of {run.total_steps}{said}")
 

@@ -74,6 +74,11 @@ def cache_key(base: str, load_in_4bit: bool, dtype: torch.dtype, device: torch.d
     return h.hexdigest()[:32]
 
 
+def entry(key: str) -> Path:
+    """Where the reference log-probs cached under `key` lie, once whole."""
+    return cache_dir() / "reference" / f"{key}.safetensors"
+
+
 class ReferenceInterrupted(KeyboardInterrupt):
     """Ctrl-C during a reference pass, after the finished batches were written to the cache."""
 
@@ -86,8 +91,7 @@ def cached(key: str, n_rows: int, batches: list[list[int]], compute: Callable[[l
     """The [n_rows] tensor cached under `key`, or computed batch by batch (compute(rows) -> their values) with
     the finished batches written as parts: a rerun computes only the batches no part holds, in the order a
     pass from the start would, so the result is the same tensor."""
-    root = cache_dir() / "reference"
-    path = root / f"{key}.safetensors"
+    root, path = cache_dir() / "reference", entry(key)
     if path.is_file():
         return load_file(path)["logps"]
     parts = root / f"{key}.parts"

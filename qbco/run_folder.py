@@ -55,10 +55,11 @@ def never_started(out: Path, config: TrainConfig) -> bool:
         return False
 
 
-def save_adapter(model, tokenizer, folder: Path, shift: RewardShift) -> None:
-    """adapter/: peft weights and config, the tokenizer, and the reward-shift state, published whole."""
+def save_adapter(model, tokenizer, folder: Path, shift: RewardShift, state_dict: dict | None = None) -> None:
+    """adapter/: peft weights and config, the tokenizer, and the reward-shift state, published whole.
+    `state_dict`: the LoRA tensors when the model holds only shards of them (FSDP)."""
     with atomic_folder(folder) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / "reward_shift.json").write_text(json.dumps(shift.state_dict()), encoding="utf-8")
 

@@ -10,7 +10,9 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from qbco.calibration import calibrate_run
 from qbco.checkpoint import rng_state
 from qbco.config import TrainConfig
 from qbco.data import Encoded, collate
+from qbco.distributed import launched_rank
 from qbco.errors import TrainingStopped
 from qbco.logprobs import completion_logps, dataset_logps
 from qbco.loss import bco_loss, implicit_rewards
@@ -38,20 +41,25 @@ class RunResult:
     elapsed_s: float
     tokens_per_s: float
     final_loss: float | None
-    peak_memory_mb: float
+    peak_memory_mb: float  # the largest of the ranks'
     eval: dict = field(default_factory=dict)
     checkpointing: object = None  # qbco.memory.Plan
     calibration: object = None  # qbco.calibration.Calibration, written to RUN/calibration.json
+    processes: str = "1"  # how many processes trained it, and how (Parallel.describe)
 
 
 def train(config: TrainConfig, progress=None, log=print, resume: str | Path | None = None, overwrite: bool = False) -> RunResult:
-    """Run one training run as `config` says, or continue the run at `resume`; returns what the summary shows."""
+    """Run one training run as `config` says, or continue the run at `resume`; returns what the summary shows.
+    Under torchrun or accelerate launch this is one rank of several (qbco/distributed.py): only rank 0 logs,
+    shows progress and writes."""
+    if launched_rank() != 0:
+        progress, log = None, lambda message: None
     run = prepare_run(config, log, resume, overwrite, progress)
     config, out, loss, tokens = run.config, run.out, None, 0
     task = progress.add_task("training", total=run.total_steps, completed=run.start_step, loss=float("nan"),
                              delta=run.shift.delta, tps=0.0) if progress else None
     run.started = time.perf_counter()
-    with MetricsWriter(out / "metrics.jsonl") as metrics, StopSignals(log) as signals:
+    with metrics_writer(run) as metrics, StopSignals(log) as signals:
         for step in range(run.start_step + 1, run.total_steps + 1):
             step_start = time.perf_counter()
             window = next(run.windows)
@@ -70,21 +78,24 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
                 log(f"step {step}: fp16 gradients overflowed; step skipped, loss scale lowered to {figures['loss_scale']:g}")
             if progress:
                 progress.update(task, advance=1, loss=loss, delta=figures["delta"], tps=figures["tokens"] / seconds)
-            if step % config.save_every == 0 or step == run.total_steps or signals.requested:
+            stop = run.parallel.any(signals.requested)  # every rank stops after the same step
+            if step % config.save_every == 0 or step == run.total_steps or stop:
                 kept = run.checkpoint(step)
-            if signals.requested and step < run.total_steps:
-                raise TrainingStopped(f"{signals.requested} at step {step} of {run.total_steps}: checkpoint written to "
-                                      f"{kept}. Continue with: qbco train --resume {out}", exit_code=130)
+            if stop and step < run.total_steps:
+                raise TrainingStopped(f"{signals.requested or 'a signal to another process'} at step {step} of "
+                                      f"{run.total_steps}: checkpoint written to {kept}. Continue with: "
+                                      f"{resume_command(run)} --resume {out}", exit_code=130)
         elapsed = run.elapsed()
         held_out, margins = held_out_figures(run, progress)
         if held_out:
             metrics.write({"split": "eval", "step": run.total_steps, "delta": run.shift.delta, **held_out})
-    save_adapter(run.model, run.tokenizer, out / "adapter", run.shift)
-    calibration = calibrate_run(out, margins, [e.label for e in run.eval_rows], f"held-out part of {config.data}")
+    save_final_adapter(run)
+    calibration = (calibrate_run(out, margins, [e.label for e in run.eval_rows], f"held-out part of {config.data}")
+                   if run.parallel.main else None)  # RUN/calibration.json: rank 0's to write
     return RunResult(output=out, steps=run.total_steps, elapsed_s=elapsed,
                      tokens_per_s=tokens / (time.perf_counter() - run.started) if tokens else 0.0,
-                     final_loss=loss, peak_memory_mb=peak_memory_mb(run.device), eval=held_out,
-                     checkpointing=run.checkpointing, calibration=calibration)
+                     final_loss=loss, peak_memory_mb=run.parallel.max(peak_memory_mb(run.device)), eval=held_out,
+                     checkpointing=run.checkpointing, calibration=calibration, processes=run.parallel.describe())
 
 
 def optimizer_step(run: Run, window: list[list[int]]) -> dict:
@@ -93,18 +104,23 @@ def optimizer_step(run: Run, window: list[list[int]]) -> dict:
     window (docs/pitfalls.md, 1). Returns the step's figures; raises NonFinite, with nothing updated, when the
     loss or the gradient norm is not finite. In fp16 the loss is scaled for backward; a step whose gradients
     overflowed is skipped (nothing updated, `skipped` true) and the scaler lowers its scale."""
-    labels = torch.tensor([run.train_rows[i].label for rows in window for i in rows])
+    labels = torch.tensor([run.train_rows[i].label for rows in window for i in rows])  # every rank: the whole window's
     frozen = run.objective.window(labels, run.shift.delta)
     scaler = run.scaler  # fp16 only
-    loss, outputs = 0.0, []
-    for rows in window:
-        out = run.objective.loss(micro_batch(run, rows), frozen)
-        (scaler.scale(out.loss) if scaler else out.loss).backward()
+    loss, outputs, par = 0.0, [], run.parallel
+    mine = par.share(window)  # with one process: every micro-batch of the window
+    for k, (rows, group, where) in enumerate(mine):
+        with par.accumulating(last=k == len(mine) - 1):
+            shared = () if par.world == 1 else (group, where)  # one process: the micro-step's rows are its own
+            out = run.objective.loss(micro_batch(run, rows, *shared), frozen)
+            scaled = out.loss * par.loss_scale if par.world > 1 else out.loss  # DDP / FSDP average over ranks
+            (scaler.scale(scaled) if scaler else scaled).backward()
         loss += out.loss.item()
         outputs.append(out)
+    loss = par.sum(loss)  # the window's loss is the ranks' sum
     if scaler:
         scaler.unscale_(run.optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, run.config.max_grad_norm))
+    grad_norm = par.clip_grad_norm(run.params, run.config.max_grad_norm)
     # Under a loss scaler, overflowed gradients of a finite loss are the scaler's to handle (it skips the step).
     if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaler):
         run.optimizer.zero_grad(set_to_none=True)
@@ -121,7 +137,7 @@ def optimizer_step(run: Run, window: list[list[int]]) -> dict:
     if not skipped:  # a skipped step moves neither the schedule nor the reward shift
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    rewards = torch.cat([o.rewards.cpu() for o in outputs])
+    rewards = torch.cat([par.gather(o.rewards.cpu()) for o in outputs])  # the window's, in its rows' order
     if run.objective.shifts and not skipped:
         run.shift.update(rewards, labels)
     return {
@@ -134,25 +150,31 @@ def optimizer_step(run: Run, window: list[list[int]]) -> dict:
         "tokens": sum(len(run.train_rows[i]) for rows in window for i in rows),
         "skipped": skipped,
         **({"loss_scale": scaler.get_scale()} if scaler else {}),
-        **run.objective.record(outputs),
+        **run.objective.record(outputs, par.sum),
     }
 
 
-def micro_batch(run: Run, rows: list[int]) -> MicroBatch:
-    """The policy's log-probs of these training rows (with gradient), beside their cached reference log-probs."""
+def micro_batch(run: Run, rows: list[int], group: list[int] | None = None, mine: slice | None = None) -> MicroBatch:
+    """The policy's log-probs of these training rows (with gradient), beside their cached reference log-probs.
+    `group` is the micro-step's rows across all ranks, group[mine] == rows (default, one process: rows itself)."""
     b = collate(run.train_rows, rows, run.tokenizer.pad_token_id).to(run.device)
-    policy = completion_logps(run.model, b.input_ids, b.attention_mask, b.completion_mask, run.config.logprob_chunk)
-    mismatched = mismatched_logps(run, rows) if run.objective.needs_mismatched else None
+    # Under DDP through its wrapper: it syncs the gradients of what its forward computed.
+    logps = run.parallel.ddp if run.parallel.ddp is not None else partial(completion_logps, run.model)
+    policy = logps(b.input_ids, b.attention_mask, b.completion_mask, run.config.logprob_chunk)
+    group, mine = (rows, slice(0, len(rows))) if group is None else (group, mine)
+    mismatched = mismatched_logps(run, group, mine) if run.objective.needs_mismatched else None
     return MicroBatch(policy, run.ref_train[rows].to(run.device), b.labels, mismatched, b.completion_mask.sum(1))
 
 
-def mismatched_logps(run: Run, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """KTO's KL estimate inputs, without gradients: each prompt of the batch with the next row's completion
-    (as TRL pairs them), under the policy and under the reference."""
+def mismatched_logps(run: Run, group: list[int], mine: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO's KL estimate inputs, without gradients: each prompt of the micro-step with the next row's
+    completion (as TRL pairs them), under the policy and under the reference. A rank computes the pairs of
+    its rows and gets every rank's, so the estimate is the whole micro-step's mean, as in one process."""
     encoded = run.train_rows
     shifted = [
-        Encoded(encoded[i].prompt_ids, encoded[rows[(k + 1) % len(rows)]].completion_ids, encoded[i].label, False, False)
-        for k, i in enumerate(rows)
+        Encoded(encoded[group[k]].prompt_ids, encoded[group[(k + 1) % len(group)]].completion_ids, encoded[group[k]].label,
+                False, False)
+        for k in range(mine.start, mine.stop)
     ]
     b = collate(shifted, list(range(len(shifted))), run.tokenizer.pad_token_id).to(run.device)
     chunk = run.config.logprob_chunk
@@ -160,7 +182,7 @@ def mismatched_logps(run: Run, rows: list[int]) -> tuple[torch.Tensor, torch.Ten
         policy = completion_logps(run.model, b.input_ids, b.attention_mask, b.completion_mask, chunk)
     with reference(run.model):
         ref = completion_logps(run.model, b.input_ids, b.attention_mask, b.completion_mask, chunk)
-    return policy, ref
+    return run.parallel.gather(policy), run.parallel.gather(ref)
 
 
 def held_out_figures(run: Run, progress=None) -> tuple[dict, torch.Tensor]:
@@ -170,8 +192,9 @@ def held_out_figures(run: Run, progress=None) -> tuple[dict, torch.Tensor]:
     if not run.eval_rows:
         return {}, torch.zeros(0)
     c = run.config
-    policy = dataset_logps(run.model, run.eval_rows, c.batch_size, run.tokenizer.pad_token_id, run.device, c.logprob_chunk,
-                           Wait(progress, "held-out evaluation", len(run.eval_rows)))
+    policy = run.parallel.sharded(  # each rank its share of the rows
+        run.eval_rows, lambda rows: dataset_logps(run.model, rows, c.batch_size, run.tokenizer.pad_token_id, run.device,
+                                                  c.logprob_chunk, Wait(progress, "held-out evaluation", len(rows))))
     rewards = implicit_rewards(policy, run.ref_eval, c.beta)
     labels = torch.tensor([e.label for e in run.eval_rows])
     delta = run.shift.delta
@@ -201,6 +224,33 @@ class NonFinite(Exception):
         fp16 = "; in fp16 activations overflow sooner: --dtype fp32 (or bf16 where the GPU has it) avoids that" if run.scaler else ""
         return (f"step {step}: the {self.what} is not finite; stopped and kept the last good state in {kept}. "
                 f"Try a lower --lr (now {run.config.lr:g}) or check the rows of this batch: {sources}{fp16}")
+
+
+def save_final_adapter(run: Run) -> None:
+    """RUN/adapter, written by rank 0 (under FSDP from tensors every rank helped gather); every rank waits for it."""
+    adapter = run.parallel.adapter_state(run.model)
+    if run.parallel.main:
+        save_adapter(run.model, run.tokenizer, run.out / "adapter", run.shift, adapter)
+    run.parallel.barrier()
+
+
+def metrics_writer(run: Run):
+    """metrics.jsonl, written by rank 0 alone (the other ranks' records are the same)."""
+    return MetricsWriter(run.out / "metrics.jsonl") if run.parallel.main else NoMetrics()
+
+
+class NoMetrics(nullcontext):
+    def __enter__(self):
+        return self
+
+    def write(self, record: dict) -> None:
+        pass
+
+
+def resume_command(run: Run) -> str:
+    """The command that continues the run: the same launcher and number of processes."""
+    n = run.parallel.world
+    return "qbco train" if n == 1 else f"torchrun --nproc-per-node {n} --no-python qbco train"
 
 
 def peak_memory_mb(device: torch.device) -> float:
