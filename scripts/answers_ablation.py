@@ -85,6 +85,9 @@ CANDIDATES = {
     "bco+sft1+lr3e-3": {"sft_weight": 1.0, "lr": 3e-3},
     "bco+sft3+lr1e-3": {"sft_weight": 3.0, "lr": 1e-3},
     "bco+sft5+lr1e-3": {"sft_weight": 5.0, "lr": 1e-3},
+    "bco+sft2+lr1e-3": {"sft_weight": 2.0, "lr": 1e-3},
+    "bco+sft3+lr5e-4": {"sft_weight": 3.0, "lr": 5e-4},
+    "bco+sft3+lr1e-3+2ep": {"sft_weight": 3.0, "lr": 1e-3, "epochs": 2.0},
     "bco+sft1+lr1e-3+beta0.3": {"sft_weight": 1.0, "lr": 1e-3, "beta": 0.3},
 }
 

@@ -98,6 +98,7 @@ def jobs(folder: Path, model: Path, data: Path) -> list[dict]:
         {**job("ddp_cut", **ddp), "name": "ddp_resume", "resume": True},
         job("kto", loss="kto", batch_size=4, max_steps=4, load_in_4bit=False),
         job("dpo", loss="dpo", batch_size=2, max_steps=4, load_in_4bit=False),
+        job("sft", sft_weight=1.0, batch_size=4, max_steps=4, load_in_4bit=False),
         job("fsdp", **fsdp),
         job("fsdp4", **{**fsdp, "load_in_4bit": True, "gradient_checkpointing": False, "max_steps": 3}),
         {**job("fsdp_cut", **fsdp), "stop_at": 3},
@@ -157,6 +158,16 @@ def test_kto_and_dpo_equal_one_process(two_ranks, tmp_path):
     for name in ("kto", "dpo"):
         assert_same_run(two_ranks / name, one_process(two_ranks, name, tmp_path))
     assert any(m.get("kl", 0) > 0 for m in metrics(two_ranks / "kto"))  # the estimate is not just its clamp at 0
+
+
+def test_the_thumbs_up_nll_term_equals_one_process(two_ranks, tmp_path):
+    """--sft-weight: each rank's thumbs-up NLL over the window's thumbs-up count, scaled as the BCO terms are,
+    is the single-process loss; the logged sft_nll is the ranks' sum, the window's mean."""
+    one = one_process(two_ranks, "sft", tmp_path)
+    assert_same_run(two_ranks / "sft", one)
+    two, single = metrics(two_ranks / "sft")[:-1], metrics(one)[:-1]
+    assert [m["sft_nll"] for m in two] == pytest.approx([m["sft_nll"] for m in single], rel=1e-5)
+    assert all(m["sft_nll"] > 0 for m in two)
 
 
 def test_fsdp_steps_equal_one_process(two_ranks, tmp_path):
