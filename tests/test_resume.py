@@ -255,7 +255,15 @@ def test_resume_equals_a_straight_run(tmp_path, tiny_model_dir, separable_file, 
 # ------------------------------------------------------------------ Ctrl-C in the reference pass
 
 
-def test_ctrl_c_in_the_reference_pass_keeps_the_finished_part(tmp_path, tiny_model_dir, separable_file, monkeypatch):
+@pytest.fixture
+def default_sigint():
+    """Ctrl-C as a fresh `qbco` process gets it (KeyboardInterrupt), whatever handler an earlier test left."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_in_the_reference_pass_keeps_the_finished_part(tmp_path, tiny_model_dir, separable_file, monkeypatch, default_sigint):
     """A real SIGINT after 3 batches of the reference pass: the message says how many rows are kept and that
     there is no checkpoint; the same command, interrupted again, adds to them; --resume then computes only the
     batches no one computed, and the run equals one whose reference pass was never interrupted."""
