@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -22,24 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import conftest  # noqa: E402,F401  (one torch thread, an offline hub)
 import torch  # noqa: E402
+from test_reliability import SignalAt  # noqa: E402  (a real SIGINT after step N; only rank 0 is given one)
 
 RANK = int(os.environ["RANK"])
-
-
-class SignalAt:
-    """Rank 0's progress sink: a real SIGINT to this process after step `at` (only rank 0 gets it)."""
-
-    def __init__(self, at):
-        self.at, self.done = at, 0
-
-    def add_task(self, *a, completed=0, **k):
-        self.done = completed
-        return 0
-
-    def update(self, task, advance=0, **k):
-        self.done += advance
-        if self.done == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def train_job(job: dict) -> dict:
