@@ -38,8 +38,8 @@ SCALE = "qwenvocab:2:qbco+qbco-chunk1024+trl-default,smollm2:1:qbco+trl-default"
 
 
 def _mimalloc_env() -> dict:
-    """The allocator qbco runs under (qbco.allocator), for a peer: fairness rows in W1."""
-    from qbco.allocator import restart_environment
+    """The allocator qbco runs under (qbco.cli.allocator), for a peer: fairness rows in W1."""
+    from qbco.cli.allocator import restart_environment
 
     env = restart_environment({}) or {}
     return {k: env[k] for k in ("LD_PRELOAD", "MIMALLOC_PURGE_DELAY") if k in env}
@@ -112,8 +112,9 @@ def step_rows(model: Path, data: Path, rows: str | None, steps: int, batch: int,
 
     import common
 
-    from qbco.data import encode_all, epoch_order, load_feedback
-    from qbco.models import load_tokenizer
+    from qbco.data.encoding import encode_all, epoch_order
+    from qbco.data.feedback import load_feedback
+    from qbco.model.loading import load_tokenizer
 
     picked = common.read_rows(str(data), rows)
     with tempfile.TemporaryDirectory() as tmp:

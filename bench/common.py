@@ -52,7 +52,7 @@ def read_rows(path: str, span: str | None) -> list[dict]:
 
 
 def training_order(n: int, batch: int, seed: int) -> list[int]:
-    """qbco's first-epoch order (qbco.data.epoch_order with epoch 0), copied so the TRL venv needs no qbco.
+    """qbco's first-epoch order (qbco.data.feedback.epoch_order with epoch 0), copied so the TRL venv needs no qbco.
     TRL's BCOTrainer reads its dataset sequentially, so handing it the rows in this order gives both tools
     the same batches, step for step."""
     order = list(range(n))

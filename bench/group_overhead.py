@@ -1,4 +1,4 @@
-"""Measure qbco.logprobs' grouping overhead on this machine: what one more decoder call costs, in positions.
+"""Measure qbco.model.logprobs' grouping overhead on this machine: what one more decoder call costs, in positions.
 
 length_groups splits a batch's rows into decoder calls of like length when the padding saved outweighs
 `overhead` positions a call. That figure was measured on a CPU (GROUP_OVERHEAD, 64); a GPU's differs
@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from qbco.config import build_config
-from qbco.logprobs import completion_logps
-from qbco.models import load_policy
+from qbco.model.loading import load_policy
+from qbco.model.logprobs import completion_logps
+from qbco.run.config import build_config
 
 
 def sync(device: torch.device) -> None:

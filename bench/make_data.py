@@ -44,7 +44,7 @@ def text_of(n_tokens: int, count, rng: random.Random) -> str:
 
 
 def smollm2_counters(tokenizer):
-    """Token counts as qbco (qbco.data.encode) and TRL see them: templated prompt, completion + EOS."""
+    """Token counts as qbco (qbco.data.feedback.encode) and TRL see them: templated prompt, completion + EOS."""
     overhead = len(tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
                                                            add_generation_prompt=True), add_special_tokens=False)["input_ids"])
 
@@ -110,7 +110,8 @@ def main() -> None:
     parser.add_argument("--scale-rows", type=int, default=8, help="rows per scaling file (batch x steps)")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
-    from qbco.models import load_tokenizer, smollm2_folder
+    from qbco.model.loading import load_tokenizer
+    from qbco.model.names import smollm2_folder
 
     tokenizer = load_tokenizer(str(smollm2_folder()))
     counters = smollm2_counters(tokenizer)

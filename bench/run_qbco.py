@@ -1,4 +1,4 @@
-"""One qbco configuration, in this process, through qbco's own training loop (qbco.train.train): prints one
+"""One qbco configuration, in this process, through qbco's own training loop (qbco.train.loop.train): prints one
 JSON line (see common.report). Run with the qbco venv; bench.py calls it.
 
   .venv/bin/python bench/run_qbco.py --model ~/.cache/qbco/smollm2-135m-instruct --data bench/out/w1.jsonl \
@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from qbco.allocator import restart_environment
+from qbco.cli.allocator import restart_environment
 
-# qbco as shipped: the qbco command restarts itself under mimalloc (qbco.allocator); so does this process,
+# qbco as shipped: the qbco command restarts itself under mimalloc (qbco.cli.allocator); so does this process,
 # before its clock starts. --system-allocator (QBCO_ALLOCATOR=system) measures it under glibc's malloc.
 _env = restart_environment(dict(os.environ))
 if _env is not None:
@@ -28,7 +28,7 @@ import common  # bench/ is not a package: found through the path above; its cloc
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# qbco caches reference log-probs on disk (qbco.refcache) and a later run on the same rows skips the pass.
+# qbco caches reference log-probs on disk (qbco.model.refcache) and a later run on the same rows skips the pass.
 # Every measured run starts cold, as TRL does: an empty cache of its own (--model is a folder, so nothing
 # else is looked up there).
 COLD_CACHE = tempfile.mkdtemp(prefix="qbco-bench-cache-")
@@ -42,9 +42,9 @@ def main() -> None:
     import transformers  # noqa: F401
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    import qbco.prepare as qprepare
-    import qbco.train as qtrain
-    from qbco.config import build_config
+    import qbco.train.loop as qtrain
+    import qbco.train.prepare as qprepare
+    from qbco.run.config import build_config
 
     import_s = time.perf_counter() - common.T_START
     rows = common.read_rows(args.data, args.rows)
@@ -53,7 +53,7 @@ def main() -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     chunk = {"logprob_chunk": args.logprob_chunk} if args.logprob_chunk else {}
     if args.checkpoint_every:  # the plan qbco prints and reports, with k fixed instead of chosen
-        import qbco.memory as qmemory
+        import qbco.model.memory as qmemory
 
         qmemory.choose_every_n = lambda est, budget: args.checkpoint_every
         args.gradient_checkpointing = "auto"
@@ -96,7 +96,7 @@ def main() -> None:
     t0 = time.perf_counter()
     result = qtrain.train(config, log=lambda message: None)
     whole_s = time.perf_counter() - t0
-    plan = result.checkpointing  # qbco.memory.Plan: what the run checkpointed, its budget and estimate
+    plan = result.recompute  # qbco.model.memory.Plan: what the run recomputed, its budget and estimate
 
     records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in records if "step" in m and m.get("split") != "eval"]
@@ -109,7 +109,7 @@ def main() -> None:
         losses=[m["loss"] for m in steps],
         load_peak_mb=marks["load_peak"], train_start_rss_mb=marks["start_rss"],
         ref_s=marks["ref_s"], whole_s=whole_s, import_s=import_s,
-        extra={"checkpoint_every": plan.every_n, "checkpointed_layers": plan.estimate.checkpointed_layers(plan.every_n),
+        extra={"checkpoint_every": plan.every_n, "recomputed_layers": plan.estimate.recomputed_layers(plan.every_n),
                "memory_budget_gib": plan.budget / 2**30 if plan.budget is not None else None,
                "estimate_gib": plan.estimate.total(plan.every_n) / 2**30, "checkpointing": plan.summary()}
         if plan is not None else {},

@@ -71,7 +71,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
     disable_cpu_repack(model)
 
-    def prompt_text(prompt: str) -> str:  # what qbco.data.prompt_text makes of a string prompt
+    def prompt_text(prompt: str) -> str:  # what qbco.data.feedback.prompt_text makes of a string prompt
         if getattr(tokenizer, "chat_template", None):
             return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                  add_generation_prompt=True)

@@ -7,10 +7,10 @@ one thread), each configuration in a process of its own, the configurations alte
 Configurations, each adding one change to the one before:
   before     peft's LoRA forward, one decoder call per batch, LM-head chunks of 1024 tokens checkpointed (the
              code before these changes), glibc's malloc
-  +groups    rows of unlike length in separate decoder calls (qbco.logprobs.length_groups)
-  +fused     LoRA fused into the base layer's output (qbco.fused_lora)
-  +head      the LM head's gradient taken in forward, chunks of 2^24 logits (qbco.logprobs.HeadLogps)
-  +mimalloc  the allocator the qbco command runs under (qbco.allocator): qbco as shipped
+  +groups    rows of unlike length in separate decoder calls (qbco.model.logprobs.length_groups)
+  +fused     LoRA fused into the base layer's output (qbco.model.fused_lora)
+  +head      the LM head's gradient taken in forward, chunks of 2^24 logits (qbco.model.logprobs.HeadLogps)
+  +mimalloc  the allocator the qbco command runs under (qbco.cli.allocator): qbco as shipped
 The runner is this file with --child; it prints one RESULT line (median step time of the steps after the first,
 peak RSS).
 """
@@ -42,12 +42,12 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    import qbco.logprobs as ql
-    from qbco import data as qd
-    from qbco import models
-    from qbco.allocator import active
-    from qbco.config import build_config
-    from qbco.fused_lora import unfuse_lora
+    import qbco.model.logprobs as ql
+    from qbco.cli.allocator import active
+    from qbco.data import encoding, feedback
+    from qbco.model import loading as models
+    from qbco.model.fused_lora import unfuse_lora
+    from qbco.run.config import build_config
 
     smollm2 = Path(os.environ.get("QBCO_CACHE", Path.home() / ".cache" / "qbco")).expanduser() / "smollm2-135m-instruct"
     config = build_config(model=str(smollm2), data="demo", output="unused", dtype="fp32")
@@ -61,8 +61,8 @@ def child(args) -> None:
 
         ql.HeadLogps.apply = lambda h, t, head, transform: checkpoint(ql.token_logps, head, h, t, transform, use_reentrant=False)
     rows = [json.loads(line) for line in (ROOT / "bench/out/w1.jsonl").read_text().splitlines()[:8]]
-    encoded = qd.encode_all(qd.rows_to_examples(rows, "w1"), tokenizer, 256, 256)
-    b = qd.collate(encoded, list(range(8)), tokenizer.pad_token_id)
+    encoded = encoding.encode_all(feedback.rows_to_examples(rows, "w1"), tokenizer, 256, 256)
+    b = encoding.collate(encoded, list(range(8)), tokenizer.pad_token_id)
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
@@ -88,7 +88,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from qbco.allocator import restart_environment
+    from qbco.cli.allocator import restart_environment
 
     mimalloc = {k: v for k, v in (restart_environment({}) or {}).items() if k in ("LD_PRELOAD", "MIMALLOC_PURGE_DELAY")}
     results = []

@@ -5,9 +5,8 @@ __all__ = ["Scorer"]
 
 
 def __getattr__(name: str):
-    # Lazily, so that `import qbco` (and the CLI's start) stays cheap: Scorer needs torch and transformers.
     if name == "Scorer":
-        from qbco.score import Scorer
+        from qbco.eval.score import Scorer  # here: `import qbco` stays cheap (Scorer imports torch)
 
         return Scorer
     raise AttributeError(f"module 'qbco' has no attribute {name!r}")

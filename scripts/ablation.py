@@ -15,10 +15,10 @@ import json
 import time
 from pathlib import Path
 
-from qbco.config import build_config
-from qbco.evaluate import evaluate
-from qbco.run_log import read_metrics
-from qbco.train import train
+from qbco.eval.evaluate import evaluate
+from qbco.run.config import build_config
+from qbco.run.folder import RunFolder
+from qbco.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def main() -> None:
         if not (run / "adapter").is_dir():  # a finished run (say, completed with `qbco train --resume`) is kept
             config = build_config(loss=loss, balance=balance or "none", lr=args.lr, output=str(run))
             train(config, log=lambda m, name=name: print(f"[{name}] {m}", flush=True))
-        steps = read_metrics(run).steps
+        steps = RunFolder(run).metrics().steps
         report = evaluate(run, log=lambda m: None)
         overall = report["overall"]
         binary, pairs, drift = overall["binary"], overall["pairs"] or {}, overall["drift"]

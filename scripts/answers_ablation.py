@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qbco.config import build_config
-from qbco.evaluate import evaluate
-from qbco.generate import Sampling
-from qbco.loss import LossOutput, implicit_rewards
-from qbco.objectives import BCO, OBJECTIVES
-from qbco.run_log import read_metrics
-from qbco.train import train
+from qbco.eval.evaluate import evaluate
+from qbco.eval.generate import Sampling
+from qbco.reward.loss import LossOutput, implicit_rewards
+from qbco.reward.objectives import BCO, OBJECTIVES
+from qbco.run.config import build_config
+from qbco.run.folder import RunFolder
+from qbco.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- answers ablation: begin (scripts/answers_ablation.py) -->", "<!-- answers ablation: end -->"
@@ -105,7 +105,7 @@ def tail_mean(steps: list[dict], key: str, n: int = 10) -> float | None:
 
 
 def measure(name: str, run: Path, max_new_tokens: int) -> dict:
-    metrics = read_metrics(run)
+    metrics = RunFolder(run).metrics()
     report = evaluate(run, slice_by="task", log=lambda m: print(f"[{name}] {m}", flush=True),
                       generate=Sampling(max_new_tokens=max_new_tokens))
     overall, gen = report["overall"], report["generation"]
@@ -213,7 +213,7 @@ def write_doc(rows: list[dict], args) -> None:
         "seed 0, one run per row), then `qbco eval RUN --generate --slice-by task` answers the "
         f"{base['checked']} held-out",
         f"prompts greedily with base and tuned (up to {args.max_new_tokens} new tokens) and checks every answer",
-        "with the prompt's check (qbco/tasks.py: the number, the word, the exact text, the list format). The base's",
+        "with the prompt's check (qbco/eval/tasks.py: the number, the word, the exact text, the list format). The base's",
         f"success is the same for every row: {base['counts']['base']}/{base['checked']} "
         f"({base['success']['base']:.1%}). ROC-AUC and pair accuracy are the classifier figures of the same eval",
         "(149 held-out rows, 83 pairs); drift is log pi_theta - log pi_ref per completion token on the held-out",

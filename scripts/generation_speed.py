@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from qbco.data import read_demo
-from qbco.generate import RunModels, Sampling, complete_all
+from qbco.data.feedback import read_demo
+from qbco.eval.generate import RunModels, Sampling, complete_all
 
 CPU = torch.device("cpu")
 

@@ -23,7 +23,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "qbco" / "resources" / "demo.jsonl"
+DEMO = ROOT / "qbco" / "data" / "demo.jsonl"
 SMOLLM2_CACHE = Path.home() / ".cache" / "qbco" / "smollm2-135m-instruct"  # where qbco converts the offline model
 
 

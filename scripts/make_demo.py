@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate the bundled demo dataset ``qbco/resources/demo.jsonl``.
+"""Generate the bundled demo dataset ``qbco/data/demo.jsonl``.
 
 The dataset imitates thumbs-up / thumbs-down feedback logs on prompts whose
 answers can be checked automatically.  Every line is one JSON object::
@@ -15,7 +15,7 @@ answers can be checked automatically.  Every line is one JSON object::
 * About 40% of the rows are thumbs-up (as in HelpSteer2).
 * The train/eval split is by prompt and stratified by task.
 * ``check`` says what a right answer to the prompt is (a spec of
-  ``qbco.tasks``: the number, the word, the exact text or the list
+  ``qbco.eval.tasks``: the number, the word, the exact text or the list
   format), so that generated answers can be scored; every thumbs-up
   completion passes its check and every thumbs-down one fails it.  It is
   derived from the task data alone and draws no random numbers, so the
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "qbco" / "resources" / "demo.jsonl"
+DEFAULT_OUT = REPO_ROOT / "qbco" / "data" / "demo.jsonl"
 
 UP_SHARE = 0.40  # target share of thumbs-up rows
 NO_UP_SHARE = 0.07  # share of prompts that have no thumbs-up completion at all
@@ -304,7 +304,7 @@ TASK_SIZES = {  # number of distinct prompts per task
     "opposites": len(OPPOSITES),
 }
 
-Item = Dict[str, object]  # task, prompt, up, wrong (callable rng -> str), check (a qbco.tasks spec)
+Item = Dict[str, object]  # task, prompt, up, wrong (callable rng -> str), check (a qbco.eval.tasks spec)
 
 
 def _num_to_words(n: int) -> str:

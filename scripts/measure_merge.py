@@ -5,7 +5,7 @@
 
 Every figure is the mean |log p(variant) - log p(trained)| per completion token, in nats, over the first
 --rows held-out rows of the run's data; the trained model is the run's 4-bit base + adapter computing in fp32
-(qbco.merge.load_trained), the reference `qbco merge` checks against. Prints JSON.
+(qbco.export.merge.load_trained), the reference `qbco merge` checks against. Prints JSON.
 
 breakdown rounds one part of the exact fp32 merge at a time to bf16 or fp16 and computes in fp32 (weights
 rounded, then widened: only the rounding counts), then computes in the dtype itself, merged and unmerged:
@@ -30,8 +30,10 @@ from pathlib import Path
 
 import torch
 
-from qbco import merge
-from qbco.models import load_base, load_tokenizer, resolve_model
+from qbco.export import merge
+from qbco.model.loading import load_base, load_tokenizer
+from qbco.model.names import resolve_model
+from qbco.run.folder import RunFolder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,7 +71,7 @@ class Measure:
 
     def __init__(self, run_dir: Path, rows: int, device: torch.device):
         self.run_dir, self.device = run_dir, device
-        self.config = merge.read_run(run_dir)
+        self.config = RunFolder(run_dir).finished_config()
         tokenizer = load_tokenizer(str(run_dir / "adapter"))
         self.trained = merge.load_trained(run_dir, self.config, device)
         self.rows, self.notes = merge.held_out_rows(self.config, tokenizer, rows)

@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 from test_logit_transforms import gaps, tiny  # noqa: E402
 from test_precision import confident_head, float64_reference, relative_errors  # noqa: E402
 
-from qbco.logprobs import IDENTITY, HeadLogps  # noqa: E402
+from qbco.model.logprobs import IDENTITY, HeadLogps  # noqa: E402
 
 
 def before_issue_14(head, h, targets):
@@ -57,8 +57,10 @@ def head_errors(title: str, head, h, targets) -> None:
 def smollm2_head(rows: int = 24):
     """SmolLM2-135M in bf16: its LM head, and its hidden states at the completion tokens of the demo's first
     held-out rows (targets: the completions' own tokens)."""
-    from qbco.data import encode_all, read_demo
-    from qbco.models import load_base, load_tokenizer, resolve_model
+    from qbco.data.encoding import encode_all
+    from qbco.data.feedback import read_demo
+    from qbco.model.loading import load_base, load_tokenizer
+    from qbco.model.names import resolve_model
 
     path = resolve_model("smollm2-135m")
     tokenizer = load_tokenizer(path)

@@ -10,7 +10,7 @@
 
 Answers come from the run's fp32 twin (the NF4 weights dequantized, the adapter merged in fp32: the same
 model, fast on a CPU; its rewards are compared with the 4-bit model's in the output). The demo's tasks are
-checked by `correct` below: a checker written for this measurement (issue 12 adds qbco/tasks.py), which
+checked by `correct` below: a checker written for this measurement (issue 12 adds qbco/eval/tasks.py), which
 agrees with the demo's own labels on its rows (also in the output).
 
     qbco score RUN --data demo -o scored.jsonl
@@ -97,7 +97,7 @@ def demo_items() -> dict[str, dict]:
 def checker_agreement(items: dict[str, dict]) -> dict:
     """The checker against the demo's labels on every demo row: a thumbs-up row is a right answer, a
     'wrong'/evasive/rude thumbs-down row is not (except the format rows marked down for extra words)."""
-    from qbco.data import read_demo
+    from qbco.data.feedback import read_demo
 
     train, held = read_demo()
     rows = train + held
@@ -113,9 +113,9 @@ def checker_agreement(items: dict[str, dict]) -> dict:
 def calibration_on_unseen_rows(scored: Path, splits: int) -> dict:
     """From `qbco score RUN --data demo -o SCORED`: the run's held-out rows, split in two halves by prompt
     `splits` times; each half's Platt fit is measured on the other half."""
-    from qbco import metrics
-    from qbco.calibration import calibrate
-    from qbco.data import read_demo
+    from qbco.data.feedback import read_demo
+    from qbco.reward import metrics
+    from qbco.reward.calibration import calibrate
 
     prompt_of = {e.source: e.prompt_key for part in read_demo() for e in part}
     lines = [json.loads(line) for line in scored.read_text(encoding="utf-8").splitlines()]
@@ -160,19 +160,20 @@ def calibration_on_unseen_rows(scored: Path, splits: int) -> dict:
 
 def fp32_twin(run: Path):
     """(base, tuned): the NF4 weights dequantized to fp32, and the adapter merged into them in fp32, as
-    `qbco merge` merges (qbco.merge.merge_exact)."""
-    from qbco.merge import load_trained, merge_exact, read_run
-    from qbco.score import merged_base
+    `qbco merge` merges (qbco.export.merge.merge_exact)."""
+    from qbco.export.merge import load_trained, merge_exact
+    from qbco.model.loading import dequantized_base
+    from qbco.run.folder import RunFolder
 
-    config, cpu = read_run(run), torch.device("cpu")
-    return merged_base(config, cpu), merge_exact(load_trained(run, config, cpu), run)
+    config, cpu = RunFolder(run).finished_config(), torch.device("cpu")
+    return dequantized_base(config, cpu), merge_exact(load_trained(run, config, cpu), run)
 
 
 def best_of_n(run: Path, scorer4, n: int, per_task: int, temperature: float, top_p: float, max_new_tokens: int, log,
               models=("base", "tuned")) -> dict:
-    from qbco.data import read_demo
-    from qbco.generate import Sampling, pick_best, sample_answers
-    from qbco.score import Scorer
+    from qbco.data.feedback import read_demo
+    from qbco.eval.generate import Sampling, pick_best, sample_answers
+    from qbco.eval.score import Scorer
 
     items = demo_items()
     base, tuned = fp32_twin(run)
@@ -217,7 +218,7 @@ def best_of_n(run: Path, scorer4, n: int, per_task: int, temperature: float, top
 
 @torch.no_grad()
 def sample_answers_greedy(model, tokenizer, prompt, sampling) -> str:
-    from qbco.generate import complete
+    from qbco.eval.generate import complete
 
     return complete(model, tokenizer, prompt, sampling, torch.device("cpu"))
 
@@ -240,7 +241,7 @@ def main(argv=None) -> None:
     def log(message):
         print(message, file=sys.stderr, flush=True)
 
-    from qbco.cli import _quiet_libraries
+    from qbco.cli.main import _quiet_libraries
 
     _quiet_libraries()
     items = demo_items()
@@ -251,7 +252,7 @@ def main(argv=None) -> None:
     if args.n == 0:
         args.out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
         return
-    from qbco.score import Scorer
+    from qbco.eval.score import Scorer
 
     scorer4 = Scorer.load(args.run, torch.device("cpu"))
     figures["best_of"] = best_of_n(args.run, scorer4, args.n, args.per_task, args.temperature, args.top_p, args.max_new_tokens, log,

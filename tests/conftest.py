@@ -114,8 +114,8 @@ def separable_file(tmp_path) -> Path:
 def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A finished run folder: 4 steps of BCO on the 4-bit tiny llama (for merge and generate tests, which
     only read it)."""
-    from qbco.config import build_config
-    from qbco.train import train
+    from qbco.run.config import build_config
+    from qbco.train.loop import train
 
     folder = tmp_path_factory.mktemp("tiny-run")
     data = folder / "data.jsonl"

@@ -27,8 +27,9 @@ RANK = int(os.environ["RANK"])
 
 
 def train_job(job: dict) -> dict:
-    from qbco.config import build_config
-    from qbco.train import TrainingStopped, train
+    from qbco.common.errors import TrainingStopped
+    from qbco.run.config import build_config
+    from qbco.train.loop import train
 
     config = build_config(**job["config"])
     progress = SignalAt(job["stop_at"]) if job.get("stop_at") and RANK == 0 else None
@@ -41,7 +42,7 @@ def train_job(job: dict) -> dict:
 
 def cache_entries() -> int:
     """Reference log-probs in this rank's cache (each rank has a folder of its own: conftest)."""
-    from qbco.models import cache_dir
+    from qbco.model.names import cache_dir
 
     return len(list((cache_dir() / "reference").glob("*.safetensors")))
 
@@ -50,11 +51,12 @@ def fsdp_reference_job(job: dict) -> dict:
     """The reference (adapters disabled) and the policy under FSDP, both through the sharded pass: at B = 0
     they must be equal; with B != 0 the reference must still be the base's (the test computes the base's
     log-probs in one process, without any adapter) and the policy must differ from it."""
-    from qbco.config import build_config
-    from qbco.data import encode_all, load_feedback
-    from qbco.distributed import Parallel
-    from qbco.logprobs import dataset_logps, reference_logps
-    from qbco.models import load_policy
+    from qbco.data.encoding import encode_all
+    from qbco.data.feedback import load_feedback
+    from qbco.model.loading import load_policy
+    from qbco.model.logprobs import dataset_logps, reference_logps
+    from qbco.run.config import build_config
+    from qbco.train.distributed import Parallel
 
     config = build_config(**job["config"])
     parallel = Parallel.from_env(fsdp=True)

@@ -1,4 +1,4 @@
-"""qbco.allocator: the qbco command restarts itself once under mimalloc (LD_PRELOAD), keeps a user's choices,
+"""qbco.cli.allocator: the qbco command restarts itself once under mimalloc (LD_PRELOAD), keeps a user's choices,
 and never replaces a process that only calls the CLI in-process."""
 
 import os
@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from qbco.allocator import ENV, mimalloc_library, restart_environment
+from qbco.cli.allocator import ENV, mimalloc_library, restart_environment
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or mimalloc_library() is None,
                                 reason="mimalloc is a dependency on x86-64 Linux only")
 
 CHILD = (
-    "from qbco.allocator import restart_under_mimalloc, active\nrestart_under_mimalloc()\nimport os\n"
+    "from qbco.cli.allocator import restart_under_mimalloc, active\nrestart_under_mimalloc()\nimport os\n"
     "print(active(), os.getpid(), os.environ.get('MIMALLOC_PURGE_DELAY'))\n"
 )
 

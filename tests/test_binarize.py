@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import CHAT_TEMPLATE, HS2_CAT_MESSAGES, HS2_TRIP_MESSAGES, make_tokenizer, write_hs2_jsonl_gz
 
-from qbco.binarize import Options, binarize, parse_scale, summary_path
-from qbco.errors import QbcoError
+from qbco.common.errors import QbcoError
+from qbco.data.binarize import Options, binarize, parse_scale, summary_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HS2_COLUMNS = ["prompt", "response", "helpfulness", "correctness", "coherence", "complexity", "verbosity"]
@@ -234,7 +234,7 @@ def test_helpsteer2_multi_turn_prompts_become_chat_messages(tmp_path):
     assert json.loads(summary_path(tmp_path / "hs2.jsonl").read_text())["multi_turn_prompts"] == 2
 
     # What the model is shown: the conversation through the chat template, no marker left.
-    from qbco.data import prompt_text
+    from qbco.data.encoding import prompt_text
 
     tok = make_tokenizer([])
     tok.chat_template = CHAT_TEMPLATE
@@ -250,7 +250,7 @@ def test_pairs_from_scores_on_a_local_helpsteer2_copy_as_it_is(tmp_path):
     prompts."""
     from typer.testing import CliRunner
 
-    from qbco.cli import app
+    from qbco.cli.main import app
 
     src = write_hs2_jsonl_gz(tmp_path / "train.jsonl.gz")
     result = CliRunner().invoke(app, ["binarize", str(src), "-o", str(tmp_path / "pairs.jsonl"), "--pairs-from-scores"],
@@ -397,8 +397,8 @@ def test_output_is_atomic_and_never_overwritten_by_accident(tmp_path):
 
 
 def test_output_is_read_by_qbco_train_unchanged(tmp_path):
-    from qbco.data import rows_to_examples
-    from qbco.reader import read_rows
+    from qbco.data.feedback import rows_to_examples
+    from qbco.data.reader import read_rows
 
     out = tmp_path / "hs.jsonl"
     binarize(write_hs2_csv(tmp_path / "hs.csv"), out)
@@ -419,7 +419,7 @@ def test_streaming_memory_stays_far_below_the_file_size(tmp_path):
     assert size > 280e6
     child = (
         "import json, sys\n"
-        "from qbco.binarize import binarize\n"
+        "from qbco.data.binarize import binarize\n"
         "s = binarize(sys.argv[1], sys.argv[2])\n"
         "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
         "print(json.dumps({'written': s.rows_written, 'up': s.thumbs_up, 'peak_kb': hwm}))\n"
@@ -439,7 +439,7 @@ def test_streaming_memory_stays_far_below_the_file_size(tmp_path):
 def test_cli_binarize(tmp_path):
     from typer.testing import CliRunner
 
-    from qbco.cli import app
+    from qbco.cli.main import app
 
     src = write_hs2_csv(tmp_path / "helpsteer2.csv")
     out = tmp_path / "hs.jsonl"

@@ -4,8 +4,9 @@ the ECE of rows it did not see when the raw p(up) is miscalibrated, and calibrat
 import numpy as np
 import pytest
 
-from qbco import calibration as calib
-from qbco import metrics
+from qbco.reward import calibration as calib
+from qbco.reward import metrics
+from qbco.run.folder import RunFolder
 
 
 def synthetic(a: float, b: float, n: int, seed: int):
@@ -80,7 +81,7 @@ def test_identity_when_it_cannot_fit():
 def test_calibration_json_round_trips(tmp_path):
     m, y = synthetic(0.6, -0.4, 500, seed=4)
     fit = calib.calibrate(m, y, "rows")
-    calib.save(tmp_path, fit)
-    assert calib.load(tmp_path) == fit
-    missing = calib.load(tmp_path / "elsewhere")
+    RunFolder(tmp_path).save_calibration(fit)
+    assert RunFolder(tmp_path).calibration() == fit
+    missing = RunFolder(tmp_path / "elsewhere").calibration()
     assert missing.method == "identity" and "qbco eval" in missing.note

@@ -9,12 +9,12 @@ import torch
 from conftest import make_tiny_llama, separable_rows
 from typer.testing import CliRunner
 
-from qbco.cli import app
-from qbco.config import build_config
-from qbco.errors import QbcoError
-from qbco.memory import GiB
-from qbco.models import checkpointed_layers
-from qbco.train import train
+from qbco.cli.main import app
+from qbco.common.errors import QbcoError
+from qbco.model.memory import GiB
+from qbco.model.recompute import recomputed_layers
+from qbco.run.config import build_config
+from qbco.train.loop import train
 
 runner = CliRunner()
 
@@ -65,19 +65,22 @@ def run(tmp_path, model, name, **flags):
 def test_checkpointing_fewer_layers_gives_the_same_losses(tmp_path, four_layer_model, monkeypatch):
     """Every layer, two of four (a budget that fits two checkpointed layers and not one), and none: the same
     per-step losses (rel. 1e-5) and gradient norms; the layers that recompute are the ones planned."""
-    import qbco.models as qmodels
+    import qbco.model.lora as qlora
+    import qbco.model.recompute as qrecompute
 
     seen = []
-    original = qmodels.enable_checkpointing
-    monkeypatch.setattr(qmodels, "enable_checkpointing", lambda m, n: (original(m, n), seen.append(checkpointed_layers(m))))
+    original = qrecompute.enable_recompute
+    spy = lambda m, n: (original(m, n), seen.append(recomputed_layers(m)))  # noqa: E731
+    monkeypatch.setattr(qlora, "enable_recompute", spy)  # at loading (attach_lora)
+    monkeypatch.setattr(qrecompute, "enable_recompute", spy)  # the run's plan (apply_recompute)
     on, on_losses, on_norms = run(tmp_path, four_layer_model, "on", gradient_checkpointing="on")
-    est = on.checkpointing.estimate
+    est = on.recompute.estimate
     two = est.total(2) / GiB
     part, part_losses, part_norms = run(tmp_path, four_layer_model, "part", memory_budget=two)
     off, off_losses, off_norms = run(tmp_path, four_layer_model, "off", gradient_checkpointing="off")
 
-    assert (on.checkpointing.every_n, off.checkpointing.every_n) == (1, None)
-    assert part.checkpointing.every_n == 3 and part.checkpointing.budget == pytest.approx(est.total(2))  # k=3: layers 0 and 3
+    assert (on.recompute.every_n, off.recompute.every_n) == (1, None)
+    assert part.recompute.every_n == 3 and part.recompute.budget == pytest.approx(est.total(2))  # k=3: layers 0 and 3
     assert seen[1::2] == [[0, 1, 2, 3], [0, 3], []]  # each run: at loading, then its plan
     assert part_losses == pytest.approx(on_losses, rel=1e-5) and off_losses == pytest.approx(on_losses, rel=1e-5)
     assert part_norms == pytest.approx(on_norms, rel=1e-4) and off_norms == pytest.approx(on_norms, rel=1e-4)
@@ -99,7 +102,7 @@ def test_the_summary_shows_the_choice_budget_and_estimate(tmp_path, four_layer_m
                                    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")])
 def test_out_of_memory_in_a_step_names_the_flag(tmp_path, four_layer_model, monkeypatch, error):
     """A step that runs out of memory: one line that says which flag to change, no traceback, exit code 4."""
-    import qbco.train as qtrain
+    import qbco.train.loop as qtrain
 
     def fail(*args, **kwargs):
         if torch.is_grad_enabled():
@@ -121,8 +124,8 @@ def test_the_out_of_memory_advice_can_be_followed_on_resume(tmp_path, four_layer
     """Out of memory in step 3 (exit 4), then `qbco train --resume RUN --memory-budget X --gradient-checkpointing
     on`, as the message advises: the run continues from its step-2 checkpoint to the losses a straight run gives
     (checkpointing other layers changes memory, not the losses), and config.yaml records the change."""
-    import qbco.train as qtrain
-    from qbco.run_log import read_metrics
+    import qbco.train.loop as qtrain
+    from qbco.run.folder import RunFolder
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(20)), encoding="utf-8")
@@ -148,7 +151,7 @@ def test_the_out_of_memory_advice_can_be_followed_on_resume(tmp_path, four_layer
     resumed = runner.invoke(app, ["train", "--quiet", "--resume", str(run), "--memory-budget", "1",
                                   "--gradient-checkpointing", "on"])
     assert resumed.exit_code == 0, resumed.output
-    a, b = read_metrics(tmp_path / "straight"), read_metrics(run)
+    a, b = RunFolder(tmp_path / "straight").metrics(), RunFolder(run).metrics()
     assert [m["step"] for m in b.steps] == [1, 2, 3, 4]
     assert [m["loss"] for m in b.steps] == pytest.approx([m["loss"] for m in a.steps], rel=1e-5)
     assert b.eval["eval_loss"] == pytest.approx(a.eval["eval_loss"], rel=1e-5)

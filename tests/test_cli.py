@@ -2,16 +2,20 @@
 end-to-end run on the real SmolLM2-135M model whose adapter reloads and reproduces its held-out figures."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from typer.testing import CliRunner
 
-from qbco.cli import app
-from qbco.config import TrainConfig, build_config, field_names
+from qbco.cli.main import app
+from qbco.run.config import TrainConfig, build_config, field_names
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -28,7 +32,7 @@ def test_train_help_documents_every_config_field():
     assert "--no-4bit" in text and "--quiet" in text
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "qbco" / "recipes").glob("*.yaml")))
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")))
 def test_shipped_recipes_are_valid(recipe):
     config = build_config(recipe)
     assert isinstance(config, TrainConfig)
@@ -37,7 +41,7 @@ def test_shipped_recipes_are_valid(recipe):
 def test_demo_recipe_is_the_defaults_plus_the_measured_answer_settings():
     """The demo recipe is TrainConfig's defaults (the paper's BCO) but for the thumbs-up NLL term, the learning
     rate and the epochs that docs/results.md measured the demo's answers to need."""
-    demo = build_config(ROOT / "qbco" / "recipes" / "smollm2-135m-demo.yaml")
+    demo = build_config(ROOT / "recipes" / "smollm2-135m-demo.yaml")
     changed = {k for k, v in demo.to_dict().items() if TrainConfig().to_dict()[k] != v}
     assert changed == {"sft_weight", "lr", "epochs"} and demo.sft_weight > 0 and TrainConfig().sft_weight == 0
 
@@ -78,7 +82,7 @@ def test_recipe_with_an_unknown_key_suggests_the_nearest(tmp_path):
 
 
 def straightforward_logps(model, prompt_ids, completion_ids):
-    """Independent of qbco.logprobs: one unpadded row, full logits, log_softmax, gather."""
+    """Independent of qbco.model.logprobs: one unpadded row, full logits, log_softmax, gather."""
     ids = torch.tensor([prompt_ids + completion_ids])
     logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
     return float(torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids) :, None]).sum())
@@ -88,10 +92,11 @@ def straightforward_logps(model, prompt_ids, completion_ids):
 def test_end_to_end_on_smollm2(tmp_path):
     """qbco train on the real model, a few steps; then the saved adapter, reloaded with peft on a fresh 4-bit
     base, gives back the logged held-out accuracy and loss."""
-    from qbco.data import encode, load_feedback
-    from qbco.models import load_run
+    from qbco.data.encoding import encode
+    from qbco.data.feedback import load_feedback
+    from qbco.run.folder import load_run
 
-    demo = [json.loads(line) for line in (ROOT / "qbco/resources/demo.jsonl").read_text().splitlines()]
+    demo = [json.loads(line) for line in (ROOT / "qbco/data/demo.jsonl").read_text().splitlines()]
     rows = [r for r in demo if r["split"] == "train"][:24] + [r for r in demo if r["split"] == "eval"][:10]
     data = tmp_path / "small.jsonl"
     data.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "completion", "label", "task", "split")}) + "\n" for r in rows))
@@ -133,8 +138,8 @@ def test_end_to_end_on_smollm2(tmp_path):
 @pytest.fixture
 def captured(monkeypatch, tmp_path):
     """`qbco train` up to the training call: the config it would train with, nothing loaded."""
-    import qbco.train
-    from qbco.train import RunResult
+    import qbco.train.loop
+    from qbco.train.loop import RunResult
 
     seen = []
 
@@ -142,7 +147,7 @@ def captured(monkeypatch, tmp_path):
         seen.append(config)
         return RunResult(output=tmp_path / "run", steps=0, elapsed_s=0.0, tokens_per_s=0.0, final_loss=None, peak_memory_mb=0.0)
 
-    monkeypatch.setattr(qbco.train, "train", fake_train)
+    monkeypatch.setattr(qbco.train.loop, "train", fake_train)  # where the command looks it up
     return seen
 
 
@@ -151,7 +156,7 @@ def test_the_paper_pair_runs_the_papers_settings(captured):
     1,536, completion 512, its lr and warm-up), names it first, and a flag still wins over it."""
     import yaml
 
-    paper = yaml.safe_load((ROOT / "qbco" / "recipes" / "qwen2.5-3b-helpsteer2.yaml").read_text())
+    paper = yaml.safe_load((ROOT / "recipes" / "qwen2.5-3b-helpsteer2.yaml").read_text())
     assert (paper["max_prompt_length"], paper["max_completion_length"]) == (1536, 512)
     result = runner.invoke(app, ["train", "--model", "qwen2.5-3b", "--data", "helpsteer2"], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
@@ -188,3 +193,51 @@ def test_a_missing_recipe_names_the_shipped_ones(tmp_path):
     assert result.exit_code == 2
     assert (f"recipe not found: {tmp_path / 'paper.yaml'} (shipped recipes: qwen2.5-3b-helpsteer2, smollm2-135m-demo; "
             "or --recipe none)") in " ".join(result.output.split())
+
+
+# ------------------------------------------------------------------ the flags: declared once, defaults as run
+
+
+def help_text(*args: str) -> str:
+    result = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "250", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    return re.sub(r"[\s│]+", " ", re.sub(r"\x1b\[[0-9;]*m", "", result.output))
+
+
+def test_train_help_states_what_a_plain_run_uses():
+    """Each flag's default is the field's; where the recipe that a plain `qbco train` applies (the demo's) sets
+    another value, the help says that one too: `qbco train --help` once said lr 3e-4 while a plain run used 1e-3."""
+    demo = yaml.safe_load((ROOT / "recipes" / "smollm2-135m-demo.yaml").read_text())
+    text = help_text("train")
+    differs = [name for name in demo if name not in ("model", "data") and demo[name] != getattr(TrainConfig(), name)]
+    assert {"lr", "sft_weight", "epochs"} <= set(differs)
+    for name in differs:
+        flag = "--" + name.replace("_", "-")
+        shown = f"{demo[name]:g}" if isinstance(demo[name], float) else str(demo[name])
+        said = re.search(re.escape(flag) + r" .*?\(default: ([^;)]*); a plain qbco train, on the demo, runs ([^ ]*) from its "
+                         r"recipe smollm2-135m-demo\)", text)
+        assert said is not None, flag
+        assert said.group(2) == shown and float(said.group(1)) == float(getattr(TrainConfig(), name)), flag
+    assert re.search(r"--seed .*?\(default: 0\)", text)  # a setting the recipe leaves alone: its default alone
+
+
+def test_every_train_flag_comes_from_one_config_field():
+    """The train command's options are TrainConfig's fields and four of its own, each once."""
+    import typer.main
+
+    command = typer.main.get_command(app).commands["train"]
+    names = [p.name for p in command.params]
+    assert sorted(names) == sorted([*field_names(), "recipe", "resume", "overwrite", "quiet"])
+
+
+@pytest.mark.parametrize("args", [[], ["train"], ["binarize"], ["datasets"], ["eval"], ["score"], ["plot"], ["merge"],
+                                  ["generate"]])
+def test_help_imports_no_torch(args):
+    """`qbco --help` and every `qbco CMD --help` answer without importing torch (or transformers, peft,
+    bitsandbytes): seconds before any output otherwise."""
+    code = ("import sys\nfrom qbco.cli.main import app\ntry:\n    app([*sys.argv[1:], '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('heavy:', sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "120"})
+    assert out.returncode == 0, out.stderr
+    assert "Usage" in out.stdout and out.stdout.strip().endswith("heavy: []"), out.stdout[-500:]

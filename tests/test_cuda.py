@@ -10,8 +10,8 @@ import torch
 from test_fused_lora import lora_model, run, unfused
 from test_logprobs import straightforward
 
-from qbco.logprobs import completion_logps
-from qbco.models import load_base
+from qbco.model.loading import load_base
+from qbco.model.logprobs import completion_logps
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from qbco.cli import app
-from qbco.data import Example, encode, load_feedback, prompt_token_ids
-from qbco.errors import QbcoError
+from qbco.cli.main import app
+from qbco.common.errors import QbcoError
+from qbco.data.encoding import encode, prompt_token_ids
+from qbco.data.feedback import Example, load_feedback
 
 runner = CliRunner()
 
@@ -192,11 +193,11 @@ def test_a_prompt_that_fits_is_the_template_as_it_is(llama3):
 
 
 def test_a_data_typo_fails_before_the_model_is_converted_or_loaded(tmp_path, monkeypatch):
-    from qbco import models
+    from qbco.model import loading, names
 
     touched = []
-    monkeypatch.setattr(models, "smollm2_folder", lambda *a, **k: touched.append("converted") or tmp_path)
-    monkeypatch.setattr(models, "load_base", lambda *a, **k: touched.append("loaded"))
+    monkeypatch.setattr(names, "smollm2_folder", lambda *a, **k: touched.append("converted") or tmp_path)
+    monkeypatch.setattr(loading, "load_base", lambda *a, **k: touched.append("loaded"))
     result = runner.invoke(app, ["train", "--data", "helpstear2", "--output", str(tmp_path / "run"), "--quiet"])
     assert result.exit_code == 2, result.output
     assert touched == [] and not (tmp_path / "run").exists()  # the default model was neither converted nor loaded

@@ -1,4 +1,4 @@
-"""Checks on the bundled demo dataset ``qbco/resources/demo.jsonl``."""
+"""Checks on the bundled demo dataset ``qbco/data/demo.jsonl``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO = REPO_ROOT / "qbco" / "resources" / "demo.jsonl"
+DEMO = REPO_ROOT / "qbco" / "data" / "demo.jsonl"
 SCRIPT = REPO_ROOT / "scripts" / "make_demo.py"
 
 KEYS = {"prompt": str, "completion": str, "label": bool, "task": str, "split": str, "check": dict}
@@ -104,7 +104,7 @@ def test_arithmetic_answers(rows):
 def test_every_row_carries_a_check_that_its_label_agrees_with(rows):
     """A thumbs-up completion is a right answer and a thumbs-down one (wrong, evasive or rude) is not: the
     check of every row agrees with its label, and all rows of a prompt carry the same check."""
-    from qbco.tasks import passes, row_check
+    from qbco.eval.tasks import passes, row_check
 
     by_prompt = defaultdict(list)
     for r in rows:

@@ -1,4 +1,4 @@
-"""Several processes (qbco/distributed.py, docs/distributed.md): 2 ranks on gloo, started with the environment
+"""Several processes (qbco/train/distributed.py, docs/distributed.md): 2 ranks on gloo, started with the environment
 torchrun gives its workers, each step against one process with the doubled batch; FSDP's reference; resume;
 bad input on every rank before any process-group work; Ctrl-C through a real launcher.
 
@@ -22,12 +22,12 @@ import torch
 from conftest import separable_rows
 from safetensors.torch import load_file
 
-from qbco.config import build_config
-from qbco.data import load_feedback
-from qbco.distributed import Parallel
-from qbco.errors import QbcoError
-from qbco.prepare import check_processes, prepare_run, step_windows
-from qbco.train import train
+from qbco.common.errors import QbcoError
+from qbco.data.feedback import load_feedback
+from qbco.run.config import build_config
+from qbco.train.distributed import Parallel
+from qbco.train.loop import train
+from qbco.train.prepare import check_processes, prepare_run, step_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -187,8 +187,8 @@ def test_fsdp_reference_is_the_base_with_adapters_disabled(two_ranks, tiny_model
     (trl PR 6527: the adapters stayed on through a wrapper), and the policy differs from it."""
     from transformers import AutoModelForCausalLM
 
-    from qbco.data import encode_all
-    from qbco.models import load_tokenizer
+    from qbco.data.encoding import encode_all
+    from qbco.model.loading import load_tokenizer
 
     got = report(two_ranks, "fsdp_reference")
     assert got[0] == got[1] and got[0]["fresh"]["sharded"].startswith("FSDP")
@@ -233,7 +233,7 @@ def test_bad_input_fails_on_every_rank_before_any_process_group(tmp_path, tiny_m
     would wait for the other forever. Both exit 2 at once, with one line each, and nothing is written."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "completion": "c", "label": "maybe"}) + "\n")
-    argv = [sys.executable, "-c", "from qbco.cli import app; app()", "train", "--quiet", "--model", str(tiny_model_dir),
+    argv = [sys.executable, "-c", "from qbco.cli.main import app; app()", "train", "--quiet", "--model", str(tiny_model_dir),
             "--data", str(bad), "--output", str(tmp_path / "run")]
     results = spawn([0, 1], 2, argv, tmp_path, timeout=240, ports=[free_port(), free_port()])
     for rank, (code, out, err) in enumerate(results):
@@ -254,7 +254,7 @@ def test_launch_settings_that_cannot_work_are_refused(tmp_path, tiny_model_dir):
         check_processes(p, build_config(batch_size=4), [(i,) for i in range(5)], Path("run"), None)
     check_processes(p, build_config(batch_size=4), [(i,) for i in range(8)], Path("run"), None)
     with pytest.raises(QbcoError, match="--fsdp trains in bf16 or fp32, not fp16"):  # before any process group
-        prepare_run(build_config(model=str(tiny_model_dir), data=str(ROOT / "qbco/resources/demo.jsonl"), fsdp=True,
+        prepare_run(build_config(model=str(tiny_model_dir), data=str(ROOT / "qbco/data/demo.jsonl"), fsdp=True,
                                  dtype="fp16", output=str(tmp_path / "run")), log=lambda m: None, parallel=p)
     assert not (tmp_path / "run").exists()
 
@@ -317,7 +317,7 @@ def test_smollm2_through_torchrun_equals_one_process(tmp_path):
     """The issue's check on the real model in 4-bit: `torchrun --nproc-per-node 2 --no-python qbco train
     --batch-size 2` gives, step for step, the losses of `qbco train --batch-size 4` (|diff| <= 1e-4), writes
     one run folder, exits 0; the summary names the processes (and mimalloc: the restart is harmless)."""
-    demo = [json.loads(line) for line in (ROOT / "qbco/resources/demo.jsonl").read_text().splitlines()]
+    demo = [json.loads(line) for line in (ROOT / "qbco/data/demo.jsonl").read_text().splitlines()]
     rows = [r for r in demo if r["split"] == "train"][:32]
     data = tmp_path / "small.jsonl"
     data.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "completion", "label")}) + "\n" for r in rows))

@@ -10,11 +10,11 @@ import torch
 from conftest import separable_rows
 from typer.testing import CliRunner
 
-from qbco import generate as gen
-from qbco.cli import app
-from qbco.data import prompt_text
-from qbco.evaluate import answer_figures
-from qbco.models import load_run
+from qbco.cli.main import app
+from qbco.data.encoding import prompt_text
+from qbco.eval import generate as gen
+from qbco.eval.evaluate import answer_figures
+from qbco.run.folder import load_run
 
 CPU = torch.device("cpu")
 runner = CliRunner()

@@ -8,11 +8,11 @@ import pytest
 from conftest import separable_rows
 from typer.testing import CliRunner
 
-from qbco import metrics
-from qbco.cli import app
-from qbco.config import build_config
-from qbco.data import load_feedback
-from qbco.train import train
+from qbco.cli.main import app
+from qbco.data.feedback import load_feedback
+from qbco.reward import metrics
+from qbco.run.config import build_config
+from qbco.train.loop import train
 
 runner = CliRunner()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

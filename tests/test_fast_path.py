@@ -10,13 +10,15 @@ import math
 import pytest
 import torch
 
-from qbco.config import build_config
-from qbco.data import collate, encode_all, load_feedback
-from qbco.fused_lora import unfuse_lora
-from qbco.loss import bco_loss
-from qbco.models import default_device, load_policy
-from qbco.shift import RewardShift
-from qbco.train import train
+from qbco.data.encoding import collate, encode_all
+from qbco.data.feedback import load_feedback
+from qbco.model.device import default_device
+from qbco.model.fused_lora import unfuse_lora
+from qbco.model.loading import load_policy
+from qbco.reward.loss import bco_loss
+from qbco.reward.shift import RewardShift
+from qbco.run.config import build_config
+from qbco.train.loop import train
 
 STEPS = 5
 
@@ -34,7 +36,7 @@ def straightforward_run(config):
     train_rows, _ = load_feedback(config.data, config.eval_fraction, config.seed)
     torch.manual_seed(config.seed)  # as train() does before loading: the same fresh adapters
     tokenizer, model, _ = load_policy(config, default_device())
-    unfuse_lora(model)  # peft's own LoRA forward, not qbco.fused_lora's
+    unfuse_lora(model)  # peft's own LoRA forward, not qbco.model.fused_lora's
     enc = encode_all(train_rows, tokenizer, config.max_prompt_length, config.max_completion_length)
     assert len(enc) <= config.batch_size
     b = collate(enc, list(range(len(enc))), tokenizer.pad_token_id)
@@ -71,7 +73,7 @@ def one_thread():
 @pytest.mark.parametrize("chunk,group_overhead", [(16, 0), (1024, 10**9)])
 def test_fast_path_losses_equal_the_straightforward_computation(tmp_path, monkeypatch, one_thread, tiny_model_dir,
                                                                 separable_file, chunk, group_overhead):
-    import qbco.logprobs as ql
+    import qbco.model.logprobs as ql
 
     monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))  # the reference is computed here, not read from a cache
     monkeypatch.setattr(ql, "GROUP_OVERHEAD", group_overhead)

@@ -1,4 +1,4 @@
-"""qbco.fused_lora against peft's own LoRA forward (the unpatched layers, an independent implementation):
+"""qbco.model.fused_lora against peft's own LoRA forward (the unpatched layers, an independent implementation):
 the same outputs and the same gradients for every adapter and for the input, on a float and on a 4-bit
 NF4 base, with and without dropout, in training under checkpointing and in evaluation. Where peft does
 something the fused path does not cover (adapters disabled, merged), peft's forward runs."""
@@ -9,8 +9,9 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from qbco.fused_lora import LoRALinear, fuse_lora, unfuse_lora
-from qbco.models import attach_lora, load_base
+from qbco.model.fused_lora import LoRALinear, fuse_lora, unfuse_lora
+from qbco.model.loading import load_base
+from qbco.model.lora import attach_lora
 
 CPU = torch.device("cpu")
 
@@ -56,7 +57,7 @@ def bases(tiny_model_dir):
 @pytest.mark.parametrize("kind", ["float", "nf4"])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_fused_equals_peft_in_outputs_and_every_gradient(bases, kind, dropout):
-    fused = lora_model(bases[kind](), dropout)  # qbco.models.attach_lora fuses every layer
+    fused = lora_model(bases[kind](), dropout)  # qbco.model.loading.attach_lora fuses every layer
     assert sum("_peft_forward" in m.__dict__ for m in fused.modules()) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
     if kind == "nf4":
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in fused.modules())

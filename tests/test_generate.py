@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qbco import generate as gen
-from qbco.cli import app
-from qbco.errors import QbcoError
-from qbco.merge import merge
-from qbco.models import load_base, load_tokenizer
+from qbco.cli.main import app
+from qbco.common.errors import QbcoError
+from qbco.eval import generate as gen
+from qbco.export.merge import merge
+from qbco.model.loading import load_base, load_tokenizer
 
 CPU = torch.device("cpu")
 PROMPTS = ["question q3 ?", "question q17 ?", [{"role": "user", "content": "question q41 ?"}]]
@@ -41,7 +41,7 @@ def test_the_cpu_float_twin_is_the_4bit_model_as_trained(folders):
     """On a CPU a 4-bit run answers through fp32 dequantized NF4 weights + the adapter: its logits are the 4-bit
     model's (adapter on and off) to float rounding, far below what the adapter itself moves, and its greedy
     answers (base and tuned) are the 4-bit path's."""
-    from qbco.logprobs import causal_lm
+    from qbco.model.logprobs import causal_lm
 
     run, _ = folders
     twin, exact = gen.RunModels(run, CPU, path="float"), gen.RunModels(run, CPU, path="4bit")

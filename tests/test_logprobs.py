@@ -5,8 +5,8 @@ import torch
 from conftest import make_tiny_llama
 from peft import LoraConfig, get_peft_model
 
-from qbco.logprobs import completion_logps
-from qbco.models import reference
+from qbco.model.logprobs import completion_logps
+from qbco.model.lora import reference
 
 VOCAB = 50
 
@@ -113,7 +113,7 @@ def brute_force_groups(lengths, overhead):
 def test_length_groups_are_the_cheapest_split(seed):
     import random
 
-    from qbco.logprobs import length_groups
+    from qbco.model.logprobs import length_groups
 
     rng = random.Random(seed)
     lengths = [rng.randrange(5, 300) for _ in range(rng.randrange(1, 9))]
@@ -128,7 +128,7 @@ def test_rows_grouped_by_length_give_the_straightforward_values_and_gradients(mo
     """Four rows of lengths 12, 5, 9 and 3 (right-padded to 12); with no per-call overhead every length is
     its own decoder call, each cut to its own width, yet each row's value and the gradient are those of the
     straightforward full-batch computation."""
-    import qbco.logprobs as ql
+    import qbco.model.logprobs as ql
 
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(3, VOCAB, (4, 12), generator=g)
@@ -156,11 +156,12 @@ def test_rows_grouped_by_length_give_the_straightforward_values_and_gradients(mo
 def test_the_default_chunk_holds_2_to_the_24_logits(model, monkeypatch):
     """SmolLM2's 49,152 entries: 341 tokens a chunk; Qwen2.5's 151,936: 110. With the tiny model's 50 entries
     and 2^7 logits a chunk is 16 tokens (the floor), so 8 completion tokens make one chunk, 40 make three."""
-    import qbco.logprobs as ql
+    import qbco.model.logprobs as ql
+    import qbco.model.memory as qmemory
 
-    assert ql.chunk_tokens(49152) == 341
-    assert ql.chunk_tokens(151936) == 110
-    monkeypatch.setattr(ql, "CHUNK_LOGITS", 2**7)
+    assert qmemory.chunk_tokens(49152) == 341
+    assert qmemory.chunk_tokens(151936) == 110
+    monkeypatch.setattr(qmemory, "CHUNK_LOGITS", 2**7)
     sizes = []
     original = ql.token_logps
     monkeypatch.setattr(ql, "token_logps", lambda h, hid, *rest: sizes.append(hid.shape[0]) or original(h, hid, *rest))

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qbco.loss import bco_loss, implicit_rewards, sft_loss
-from qbco.shift import RewardShift
+from qbco.reward.loss import bco_loss, implicit_rewards, sft_loss
+from qbco.reward.shift import RewardShift
 
 T, Fa = True, False
 

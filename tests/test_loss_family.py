@@ -10,10 +10,11 @@ import math
 
 import pytest
 
-from qbco.config import build_config
-from qbco.data import epoch_order, load_feedback
-from qbco.errors import QbcoError
-from qbco.train import train
+from qbco.common.errors import QbcoError
+from qbco.data.encoding import epoch_order
+from qbco.data.feedback import load_feedback
+from qbco.run.config import build_config
+from qbco.train.loop import train
 
 LN2 = math.log(2)
 

@@ -5,10 +5,12 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-import qbco.memory as qmemory
-from qbco.config import TrainConfig
-from qbco.memory import Estimate, GiB, choose_every_n, estimate, plan
-from qbco.models import attach_lora, load_base
+import qbco.model.memory as qmemory
+from qbco.model.loading import load_base
+from qbco.model.lora import attach_lora
+from qbco.model.memory import Estimate, GiB, choose_every_n, estimate, plan
+from qbco.model.recompute import enable_recompute, recomputed_layers
+from qbco.run.config import TrainConfig
 
 
 def test_counts_match_the_real_model_and_adapters(tiny_model_dir):
@@ -55,7 +57,7 @@ def saved_bytes_per_layer(model, ids, attn, comp):
     """Bytes autograd keeps for backward inside each decoder layer's forward (saved-tensor hooks, each
     storage counted once; parameters, and what every layer shares such as the mask and the rotary tables,
     left out): the independent measurement the estimate's per-layer figure is checked against."""
-    from qbco.logprobs import causal_lm, completion_logps
+    from qbco.model.logprobs import causal_lm, completion_logps
 
     current, seen = {"layer": None}, {}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -148,11 +150,10 @@ def test_cuda_default_budget_is_the_free_memory_less_the_margin(monkeypatch):
 
 def test_only_the_checkpointed_layers_run_twice(tmp_path):
     """Every 2nd of 4 layers: layers 0 and 2 run their forward again in backward, 1 and 3 do not; then the
-    same model switched to none and to every layer (enable_checkpointing changes it in place)."""
+    same model switched to none and to every layer (enable_recompute changes it in place)."""
     from conftest import make_tiny_llama
 
-    from qbco.logprobs import causal_lm, completion_logps
-    from qbco.models import checkpointed_layers, enable_checkpointing
+    from qbco.model.logprobs import causal_lm, completion_logps
 
     folder = tmp_path / "m"
     make_tiny_llama(300, layers=4).save_pretrained(folder)
@@ -171,9 +172,9 @@ def test_only_the_checkpointed_layers_run_twice(tmp_path):
         completion_logps(model, ids, mask, comp).sum().backward()
         return list(calls)
 
-    assert checkpointed_layers(model) == [0, 2]
+    assert recomputed_layers(model) == [0, 2]
     assert one_step() == [2, 1, 2, 1]
-    enable_checkpointing(model, None)
-    assert checkpointed_layers(model) == [] and one_step() == [1, 1, 1, 1]
-    enable_checkpointing(model, 1)
-    assert checkpointed_layers(model) == [0, 1, 2, 3] and one_step() == [2, 2, 2, 2]
+    enable_recompute(model, None)
+    assert recomputed_layers(model) == [] and one_step() == [1, 1, 1, 1]
+    enable_recompute(model, 1)
+    assert recomputed_layers(model) == [0, 1, 2, 3] and one_step() == [2, 2, 2, 2]

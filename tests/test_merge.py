@@ -16,12 +16,13 @@ from conftest import make_tiny_llama, make_tokenizer, separable_rows, words_of
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from qbco import merge as merging
-from qbco.cli import app
-from qbco.data import collate
-from qbco.errors import QbcoError
-from qbco.logprobs import completion_logps
-from qbco.models import load_base, load_run, load_tokenizer
+from qbco.cli.main import app
+from qbco.common.errors import QbcoError
+from qbco.data.encoding import collate
+from qbco.export import merge as merging
+from qbco.model.loading import load_base, load_tokenizer
+from qbco.model.logprobs import completion_logps
+from qbco.run.folder import MERGE_INFO, RunFolder, load_run
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +36,8 @@ def quiet(message):
 def sharp_run(tmp_path_factory):
     """(run, base folder): weights 40x the usual init make a sharp model, as trained ones are, so rounding moves
     its log-probs; 40 BCO steps at lr 2e-3 on the 4-bit base give an update small against those weights."""
-    from qbco.config import build_config
-    from qbco.train import train
+    from qbco.run.config import build_config
+    from qbco.train.loop import train
 
     folder = tmp_path_factory.mktemp("sharp")
     rows = separable_rows(60)
@@ -90,7 +91,7 @@ def independent_gap(out, run, base_dir):
     """Mean |log p(OUT) - log p(trained)| per completion token of the rows merge checks on."""
     from transformers import AutoModelForCausalLM
 
-    config = merging.read_run(run)
+    config = RunFolder(run).finished_config()
     rows, _ = merging.held_out_rows(config, load_tokenizer(str(run / "adapter")), merging.CHECK_ROWS)
     plain = AutoModelForCausalLM.from_pretrained(out).eval()  # as a user loads it: the saved dtype
     a, b = full_logits_logps(plain, rows), full_logits_logps(trained_by_hand(run, base_dir), rows)
@@ -135,7 +136,7 @@ def test_auto_picks_a_wider_dtype_and_passes(sharp_run, tmp_path):
     out = tmp_path / "merged"
     cli = CliRunner().invoke(app, ["merge", str(run), "-o", str(out)], env={"COLUMNS": "250"})
     assert cli.exit_code == 0, cli.output
-    info = json.loads((out / merging.MERGE_INFO).read_text())
+    info = json.loads((out / MERGE_INFO).read_text())
     tried = {t["dtype"]: t["mean"] for t in info["tried"]}
     assert list(tried)[0] == "bf16" and tried["bf16"] > merging.DEFAULT_MAX_GAP  # measured and refused
     assert info["dtype"] in ("fp16", "fp32") and info["gap"]["mean"] <= merging.DEFAULT_MAX_GAP
@@ -165,7 +166,7 @@ def test_merged_folder_loads_without_peft_and_answers_like_the_trained_model(tin
 
     names = {p.name for p in out.iterdir()}
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "README.md", merging.MERGE_INFO):
+                 "README.md", MERGE_INFO):
         assert name in names, name
     assert "chat_template.jinja" in names or "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
     assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir())  # no temporary folder left
@@ -192,8 +193,8 @@ def test_a_run_that_computed_in_bf16_is_merged_exactly_in_fp32(tiny_model_dir, t
     """As on a GPU: the run loaded its base in bf16, so its NF4 codes and scales came from bf16 weights. The
     reference keeps those codes and computes in fp32; the fp32 merge reproduces it, while the run computing
     in bf16 (load_run) differs from it by bf16's rounding of activations."""
-    from qbco.config import build_config
-    from qbco.train import train
+    from qbco.run.config import build_config
+    from qbco.train.loop import train
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(40)), encoding="utf-8")
@@ -201,7 +202,7 @@ def test_a_run_that_computed_in_bf16_is_merged_exactly_in_fp32(tiny_model_dir, t
                           lr=1e-2, beta=0.5, max_steps=2, batch_size=8, max_prompt_length=32, max_completion_length=16,
                           dtype="bf16")
     run = train(config, log=quiet).output
-    trained = merging.load_trained(run, merging.read_run(run), CPU)
+    trained = merging.load_trained(run, RunFolder(run).finished_config(), CPU)
     layer = trained.get_base_model().model.layers[0].mlp.down_proj.base_layer
     assert layer.compute_dtype == torch.float32 and layer.weight.quant_state.dtype == torch.float32
     as_trained = load_base(str(tiny_model_dir), True, torch.bfloat16, CPU).model.layers[0].mlp.down_proj
@@ -210,15 +211,15 @@ def test_a_run_that_computed_in_bf16_is_merged_exactly_in_fp32(tiny_model_dir, t
     result = merging.merge(run, tmp_path / "merged", dtype="fp32", device=CPU, log=quiet)
     assert result.gap.mean < 1e-5
     _, tokenizer, in_bf16 = load_run(run, CPU)
-    rows, _ = merging.held_out_rows(merging.read_run(run), tokenizer, merging.CHECK_ROWS)
+    rows, _ = merging.held_out_rows(RunFolder(run).finished_config(), tokenizer, merging.CHECK_ROWS)
     reference = merging.completion_token_logps(trained, rows, CPU)
     assert merging.gap("", merging.completion_token_logps(in_bf16, rows, CPU), reference).mean > 10 * result.gap.mean
 
 
 def test_a_run_on_a_float_base_merges_into_that_base(tiny_model_dir, tmp_path):
     """--no-4bit: nothing to dequantize; the adapter goes into the checkpoint's weights, exactly in fp32."""
-    from qbco.config import build_config
-    from qbco.train import train
+    from qbco.run.config import build_config
+    from qbco.train.loop import train
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(40)), encoding="utf-8")
@@ -228,7 +229,7 @@ def test_a_run_on_a_float_base_merges_into_that_base(tiny_model_dir, tmp_path):
     run = train(config, log=quiet).output
     result = merging.merge(run, tmp_path / "merged", dtype="fp32", device=CPU, log=quiet)
     assert result.gap.mean < 1e-5
-    assert json.loads((result.output / merging.MERGE_INFO).read_text())["base"] == "float"
+    assert json.loads((result.output / MERGE_INFO).read_text())["base"] == "float"
 
 
 def test_completion_token_logps_sum_to_completion_logps(tiny_run):
@@ -294,7 +295,7 @@ def test_cli_refuses_to_overwrite_without_the_flag(tiny_run, tmp_path):
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     replaced = runner.invoke(app, ["merge", str(tiny_run), "-o", str(out), "--overwrite", "--dtype", "fp32"])
     assert replaced.exit_code == 0, replaced.output
-    assert json.loads((out / merging.MERGE_INFO).read_text())["dtype"] == "fp32"
+    assert json.loads((out / MERGE_INFO).read_text())["dtype"] == "fp32"
 
 
 def test_refusals_name_the_fix(tiny_run, tmp_path):
@@ -344,8 +345,8 @@ def test_memory_estimate_counts_what_each_device_holds():
     in RAM while OUT is checked on the GPU."""
     from transformers import LlamaConfig
 
-    from qbco.config import TrainConfig
-    from qbco.memory import NF4_BYTES, estimate
+    from qbco.model.memory import NF4_BYTES, estimate
+    from qbco.run.config import TrainConfig
 
     hf = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)

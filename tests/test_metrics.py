@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from qbco import metrics
-from qbco.loss import bco_loss, dpo_loss, kto_loss
+from qbco.reward import metrics
+from qbco.reward.loss import bco_loss, dpo_loss, kto_loss
 
 T, Fa = True, False
 
@@ -108,7 +108,7 @@ def test_prompt_pairs_are_every_up_down_combination_within_a_prompt():
     """prompt a: up 0, downs 1 and 2 -> (0,1), (0,2); prompt b: up 3, down 4 -> (3,4); prompt c: only ups -> none."""
     keys = ["a", "a", "a", "b", "b", "c", "c"]
     labels = [T, Fa, Fa, T, Fa, T, T]
-    from qbco.data import prompt_pairs
+    from qbco.data.feedback import prompt_pairs
 
     assert prompt_pairs(keys, labels) == [(0, 1), (0, 2), (3, 4)]
 

@@ -14,11 +14,10 @@ from test_reliability import write_jsonl
 from test_resume import snapshot
 from typer.testing import CliRunner
 
-from qbco import run_folder
-from qbco.checkpoint import checkpoint_dirs
-from qbco.cli import app
-from qbco.errors import QbcoError
-from qbco.run_log import read_metrics
+from qbco.cli.main import app
+from qbco.common.errors import QbcoError
+from qbco.run import folder as run_folder
+from qbco.run.folder import RunFolder
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "400"}
@@ -72,7 +71,7 @@ def test_rerun_with_the_runs_own_config_makes_a_new_run(run_copy, tmp_path, monk
     new = sorted((tmp_path / "runs").iterdir())
     assert len(new) == 2 and snapshot(run_copy) == before
     for folder in new:
-        assert read_metrics(folder).steps[-1]["step"] == read_metrics(run_copy).steps[-1]["step"]
+        assert RunFolder(folder).metrics().steps[-1]["step"] == RunFolder(run_copy).metrics().steps[-1]["step"]
         assert (folder / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -121,7 +120,7 @@ def test_disk_full_while_checkpointing(tmp_path, tiny_model_dir, separable_file,
     is full, exits 2, keeps step-2 intact and leaves no half checkpoint; with space again, --resume finishes."""
     import shutil as sh
 
-    import qbco.checkpoint as ckpt
+    import qbco.train.checkpoint as ckpt
 
     real_save, calls = ckpt.torch.save, []
 
@@ -144,10 +143,10 @@ def test_disk_full_while_checkpointing(tmp_path, tiny_model_dir, separable_file,
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert ("the disk is full: writing checkpoint step-00000004 failed with 3 MiB free" in text
             and "the last complete checkpoint, step-00000002, is intact" in text and f"qbco train --resume {out}" in text), text
-    assert [c.name for c in checkpoint_dirs(out)] == ["step-00000002"] and not list((out / "checkpoints").glob(".*"))
+    assert [c.name for c in RunFolder(out).checkpoints()] == ["step-00000002"] and not list((out / "checkpoints").glob(".*"))
     assert torch.load(out / "checkpoints/step-00000002/state.pt", weights_only=True)["scheduler"]["last_epoch"] == 2
 
     monkeypatch.undo()  # space again
     done = runner.invoke(app, ["train", "--quiet", "--resume", str(out)])
     assert done.exit_code == 0, done.output
-    assert [m["step"] for m in read_metrics(out).steps] == list(range(1, 7))
+    assert [m["step"] for m in RunFolder(out).metrics().steps] == list(range(1, 7))

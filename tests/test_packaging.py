@@ -4,9 +4,10 @@ the recipes that `qbco train` matches ship inside the package."""
 from __future__ import annotations
 
 import ast
-import fnmatch
 import re
+import subprocess
 import sys
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def requirement_name(spec: str) -> str:
 def imported_modules() -> set[str]:
     """Top-level names of every absolute import in qbco/, stdlib and qbco itself left out."""
     names = set()
-    for path in (ROOT / "qbco").glob("*.py"):
+    for path in (ROOT / "qbco").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 names |= {a.name.split(".")[0] for a in node.names}
@@ -47,12 +48,27 @@ def test_every_module_qbco_imports_is_a_dependency():
     assert missing == {}
 
 
-def test_the_recipes_ship_in_the_package():
-    from qbco.config import RECIPES, shipped_recipes
+def test_the_wheel_holds_every_module_the_recipes_and_the_demo(tmp_path):
+    """recipes/ sits at the top of the tree, where a user looks; the build maps it into the wheel as qbco.recipes
+    (pyproject.toml's package-dir), and there `qbco train` finds it (run.config.recipes_folder). The wheel is
+    built here, from this tree, and read as a zip."""
+    # With the environment's own setuptools when it is new enough for pyproject.toml (no download), else isolated.
+    own = int(metadata.version("setuptools").split(".")[0]) >= 68
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", *(["--no-build-isolation"] if own else []),
+                          "--quiet", "--wheel-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = tmp_path.glob("qbco-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    recipes = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
+    assert {"qwen2.5-3b-helpsteer2.yaml", "smollm2-135m-demo.yaml"} <= set(recipes)
+    assert {f"qbco/recipes/{name}" for name in recipes} <= names
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "qbco").rglob("*.py")}
+    assert modules - names == set()  # a package missing from pyproject.toml's list would be missing here
+    assert "qbco/data/demo.jsonl" in names
 
-    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["package-data"]["qbco"]
-    recipes = shipped_recipes()
-    assert {"qwen2.5-3b-helpsteer2", "smollm2-135m-demo"} <= set(recipes)
-    assert RECIPES.parent == ROOT / "qbco"
-    for path in recipes.values():
-        assert any(fnmatch.fnmatch(path.relative_to(ROOT / "qbco").as_posix(), p) for p in patterns), path
+
+def test_the_recipes_qbco_reads_are_the_ones_at_the_top_of_the_tree():
+    from qbco.run.config import recipes_folder, shipped_recipes
+
+    assert recipes_folder().resolve() == (ROOT / "recipes").resolve()  # an editable install reads them in place
+    assert set(shipped_recipes()) == {p.stem for p in (ROOT / "recipes").glob("*.yaml")}

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from qbco.config import build_config
-from qbco.data import epoch_order
-from qbco.prepare import step_windows
+from qbco.data.encoding import epoch_order
+from qbco.run.config import build_config
+from qbco.train.prepare import step_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_every_epoch_is_shuffled_reproducibly():
 
 def test_only_the_lora_weights_train_and_the_base_keeps_its_dtype(tiny_model_dir):
     """docs/pitfalls.md, 9: nothing of the base is upcast or made trainable; the adapters train in float32."""
-    from qbco.models import load_policy
+    from qbco.model.loading import load_policy
 
     config = build_config(model=str(tiny_model_dir), dtype="bf16", lora_r=4)
     torch.manual_seed(0)

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from qbco.config import build_config
-from qbco.logprobs import IDENTITY, HeadLogps
-from qbco.models import compute_dtype
-from qbco.train import train
+from qbco.model.device import compute_dtype
+from qbco.model.logprobs import IDENTITY, HeadLogps
+from qbco.run.config import build_config
+from qbco.train.loop import train
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
@@ -28,7 +28,7 @@ def test_auto_is_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
 
 
 def test_fp16_always_gets_a_loss_scaler_and_nothing_else_does():
-    from qbco.prepare import loss_scaler
+    from qbco.train.prepare import loss_scaler
 
     assert isinstance(loss_scaler(torch.float16, CPU), torch.amp.GradScaler)
     assert loss_scaler(torch.bfloat16, CPU) is None and loss_scaler(torch.float32, CPU) is None
@@ -113,7 +113,7 @@ def test_a_skipped_fp16_step_is_logged_and_changes_nothing(tmp_path, tiny_model_
     again, and the checkpoint keeps the scale for a resume."""
     from safetensors.torch import load_file
 
-    import qbco.prepare as prepare
+    import qbco.train.prepare as prepare
 
     monkeypatch.setattr(prepare, "loss_scaler", lambda dtype, device: torch.amp.GradScaler(
         "cpu", init_scale=2.0**10, growth_factor=2.0**30, backoff_factor=2.0**-30, growth_interval=1))
@@ -138,8 +138,8 @@ def test_a_skipped_fp16_step_is_logged_and_changes_nothing(tmp_path, tiny_model_
 
 def test_a_non_finite_fp16_loss_still_stops_the_run(tmp_path, tiny_model_dir, separable_file, monkeypatch):
     """The scaler handles overflowed gradients, never a loss that is itself not finite: that stops (exit 3)."""
-    import qbco.train as loop
-    from qbco.train import TrainingStopped
+    import qbco.train.loop as loop
+    from qbco.common.errors import TrainingStopped
 
     original = loop.micro_batch
 
@@ -157,7 +157,7 @@ def test_a_non_finite_fp16_loss_still_stops_the_run(tmp_path, tiny_model_dir, se
 def test_the_grouping_overhead_is_the_devices(monkeypatch):
     """Rows of 150 and 200 tokens: on the CPU (64 positions a call) two calls pay; with the CUDA constant
     (256, not yet measured on a GPU) one call does. completion_logps asks for its device's constant."""
-    import qbco.logprobs as ql
+    import qbco.model.logprobs as ql
 
     lengths = [150] * 4 + [200] * 4
     assert ql.GROUP_OVERHEAD_CUDA != ql.GROUP_OVERHEAD

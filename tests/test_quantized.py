@@ -6,9 +6,11 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from qbco.data import Encoded
-from qbco.logprobs import completion_logps, dataset_logps
-from qbco.models import attach_lora, checkpointed_layers, load_base
+from qbco.data.encoding import Encoded
+from qbco.model.loading import load_base
+from qbco.model.logprobs import completion_logps, dataset_logps
+from qbco.model.lora import attach_lora
+from qbco.model.recompute import recomputed_layers
 
 CPU = torch.device("cpu")
 
@@ -95,7 +97,7 @@ def test_checkpointing_gives_every_fresh_lora_b_a_gradient(tiny_model_dir):
     base = load_base(str(tiny_model_dir), load_in_4bit=True, dtype=torch.float32, device=CPU)
     model = attach_lora(base, r=4, alpha=8, dropout=0.0, targets="all-linear", every_n_layers=1)
     model.train()
-    assert checkpointed_layers(model) == [0, 1]
+    assert recomputed_layers(model) == [0, 1]
     completion_logps(model, *inputs()).sum().backward()
     b_grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
     assert len(b_grads) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)

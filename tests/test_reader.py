@@ -1,4 +1,4 @@
-"""The one reader of feedback files (qbco/reader.py): the same rows in each of the five formats reach `qbco
+"""The one reader of feedback files (qbco/data/reader.py): the same rows in each of the five formats reach `qbco
 train`, `qbco binarize` and `qbco eval` as the same rows, and a bad file gets the same one-line error from
 all three."""
 
@@ -16,10 +16,10 @@ import pytest
 from conftest import separable_rows
 from typer.testing import CliRunner
 
-from qbco.cli import app
-from qbco.data import load_feedback
-from qbco.errors import QbcoError
-from qbco.reader import _read_json, read_rows
+from qbco.cli.main import app
+from qbco.common.errors import QbcoError
+from qbco.data.feedback import load_feedback
+from qbco.data.reader import _read_json, read_rows
 
 runner = CliRunner()
 FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")

@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import make_tiny_llama, make_tokenizer, separable_rows, words_of
 
-from qbco import refcache
-from qbco.config import build_config
-from qbco.data import Encoded
-from qbco.logprobs import reference_logps
-from qbco.prepare import prepare_run
+from qbco.data.encoding import Encoded
+from qbco.model import refcache
+from qbco.model.logprobs import reference_logps
+from qbco.run.config import build_config
+from qbco.train.prepare import prepare_run
 
 CPU = torch.device("cpu")
 ROWS = [Encoded([3, 4, 5], [6, 7], True, False, False), Encoded([3, 8], [9, 10, 11], False, False, False)]

@@ -13,9 +13,9 @@ import datasets
 import pytest
 from conftest import HS2_CAT_MESSAGES, HS2_MULTI_TURN, HS2_TRIP_MESSAGES, write_hs2_jsonl_gz
 
-from qbco import registry
-from qbco.binarize import binarize
-from qbco.errors import QbcoError
+from qbco.common.errors import QbcoError
+from qbco.data import registry
+from qbco.data.binarize import binarize
 
 HS2_TRAIN = [
     # prompt, response, helpfulness, correctness, coherence, complexity, verbosity
@@ -144,8 +144,8 @@ def test_offline_for_real(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1"}
     env.pop("HF_DATASETS_CACHE", None)
     child = (
-        "from qbco.errors import QbcoError\n"
-        "from qbco.registry import load_registered\n"
+        "from qbco.common.errors import QbcoError\n"
+        "from qbco.data.registry import load_registered\n"
         "try:\n"
         "    load_registered('helpsteer2')\n"
         "except QbcoError as err:\n"
@@ -162,7 +162,7 @@ def test_offline_for_real(tmp_path):
 def test_cli_datasets_lists_demo_first():
     from typer.testing import CliRunner
 
-    from qbco.cli import app
+    from qbco.cli.main import app
 
     result = CliRunner().invoke(app, ["datasets"])
     assert result.exit_code == 0, result.output

@@ -17,10 +17,11 @@ from conftest import separable_rows
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from qbco.checkpoint import checkpoint_dirs
-from qbco.cli import app
-from qbco.config import build_config
-from qbco.train import TrainingStopped, train
+from qbco.cli.main import app
+from qbco.common.errors import TrainingStopped
+from qbco.run.config import build_config
+from qbco.run.folder import RunFolder
+from qbco.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -135,10 +136,10 @@ def test_one_class_trains_when_allowed(tmp_path, tiny_model_dir):
 def test_not_enough_disk_for_the_model_cache(tmp_path, monkeypatch):
     import shutil
 
-    import qbco.models as models
+    import qbco.model.names as names
 
     monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    monkeypatch.setattr(names.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     result = runner.invoke(app, ["train", "--quiet", "--output", str(tmp_path / "run")])
     assert result.exit_code == 2 and "not enough disk for the model cache" in result.output
     assert not (tmp_path / "run").exists() and not list((tmp_path / "cache").glob("*"))
@@ -181,7 +182,7 @@ def test_sigint_then_resume_equals_a_straight_run(tmp_path, tiny_model_dir, sepa
     with pytest.raises(TrainingStopped) as stop:
         train(cut, progress=SignalAt(6), log=lambda m: None)
     assert stop.value.exit_code == 130 and f"--resume {tmp_path / 'cut'}" in str(stop.value)
-    assert [c.name for c in checkpoint_dirs(tmp_path / "cut")] == ["step-00000004", "step-00000006"]
+    assert [c.name for c in RunFolder(tmp_path / "cut").checkpoints()] == ["step-00000004", "step-00000006"]
     assert len(metrics(tmp_path / "cut")) == 6 and not (tmp_path / "cut" / "adapter").exists()
     resumed = train(cut, resume=tmp_path / "cut", log=lambda m: None)
     a, b = metrics(straight.output), metrics(resumed.output)
@@ -194,14 +195,14 @@ def test_sigint_then_resume_equals_a_straight_run(tmp_path, tiny_model_dir, sepa
                 assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
     wa, wb = load_file(straight.output / "adapter/adapter_model.safetensors"), load_file(resumed.output / "adapter/adapter_model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-    assert len(checkpoint_dirs(resumed.output)) == 2  # --keep 2
+    assert len(RunFolder(resumed.output).checkpoints()) == 2  # --keep 2
 
 
 def test_cli_sigint_prints_the_resume_command_that_finishes_the_run(tmp_path, tiny_model_dir, separable_file):
     """The issue's check, as a user does it: Ctrl-C a running `qbco train`, run the command it prints."""
     args = ["train", "--quiet", "--model", str(tiny_model_dir), "--data", str(separable_file), "--eval-fraction", "0.25",
             "--epochs", "3", "--batch-size", "4", "--lr", "1e-2", "--save-every", "1000", "--no-4bit"]
-    cmd = [sys.executable, "-c", "from qbco.cli import app; app()"]
+    cmd = [sys.executable, "-c", "from qbco.cli.main import app; app()"]
     out = tmp_path / "cli"
     proc = subprocess.Popen(cmd + args + ["--output", str(out)], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     deadline = time.time() + 120
@@ -229,7 +230,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path, tiny_mode
     assert stop.value.exit_code == 3 and "is not finite" in message and "--lr" in message
     step = int(re.search(r"step (\d+):", message).group(1))
     assert re.search(r"separable\.jsonl:\d+", message)  # the rows of the batch, by source row
-    (kept,) = checkpoint_dirs(tmp_path / "nan")
+    (kept,) = RunFolder(tmp_path / "nan").checkpoints()
     assert json.loads((kept / "state.json").read_text())["step"] == step - 1
     weights = load_file(kept / "adapter_model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())

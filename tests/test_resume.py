@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 from test_reliability import SignalAt, write_jsonl
 from typer.testing import CliRunner
 
-from qbco import objectives
-from qbco.checkpoint import checkpoint_dirs
-from qbco.cli import app
-from qbco.config import build_config, load_run_config
-from qbco.data import load_feedback
-from qbco.run_log import read_metrics
-from qbco.train import TrainingStopped, train
+from qbco.cli.main import app
+from qbco.common.errors import TrainingStopped
+from qbco.data.feedback import load_feedback
+from qbco.reward import objectives
+from qbco.run.config import build_config, load_run_config
+from qbco.run.folder import RunFolder
+from qbco.train.loop import train
 
 runner = CliRunner()
 QUIET = dict(log=lambda m: None)
@@ -50,7 +50,7 @@ def cli_args(values: dict) -> list[str]:
 
 def assert_same_run(a, b):
     """Every per-step figure and the held-out line equal, and the final adapters equal."""
-    ma, mb = read_metrics(a), read_metrics(b)
+    ma, mb = RunFolder(a).metrics(), RunFolder(b).metrics()
     assert [m["step"] for m in ma.steps] == [m["step"] for m in mb.steps]
     for x, y in zip(ma.steps + [ma.eval], mb.steps + [mb.eval]):
         for key in COMPARED:
@@ -76,23 +76,23 @@ def test_kill_9_mid_run_then_resume_equals_a_straight_run(tmp_path, tiny_model_d
     values = settings(tmp_path, separable_file, tiny_model_dir, "killed", max_steps=24, epochs=3)
     straight = train(build_config(**{**values, "output": str(tmp_path / "straight")}), **QUIET).output
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-c", "from qbco.cli import app; app()", "train", "--quiet", *cli_args(values)]
+    cmd = [sys.executable, "-c", "from qbco.cli.main import app; app()", "train", "--quiet", *cli_args(values)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the tests' own process (conftest): a tiny model, one thread
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
     deadline, started = time.time() + 300, time.time()
     while time.time() < deadline and proc.poll() is None:
-        if checkpoint_dirs(out) and (out / "metrics.jsonl").is_file() and len(read_metrics(out).steps) >= 6:
+        if RunFolder(out).checkpoints() and (out / "metrics.jsonl").is_file() and len(RunFolder(out).metrics().steps) >= 6:
             break
         time.sleep(0.02)
     print(f"killed after {time.time() - started:.1f}s")
     proc.kill()
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
-    logged = len(read_metrics(out).steps)
+    logged = len(RunFolder(out).metrics().steps)
     assert 6 <= logged < 24 and not (out / "adapter").exists()
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write('{"step": %d, "loss": 0.69' % (logged + 1))
-    last = checkpoint_dirs(out)[-1]
+    last = RunFolder(out).checkpoints()[-1]
     partial = last.with_name(f".step-{logged + 1:08d}.partial-killed")
     shutil.copytree(last, partial)
     (partial / "state.json").unlink()
@@ -182,7 +182,7 @@ def test_the_nan_advice_can_be_followed(tmp_path, tiny_model_dir, separable_file
 
     resumed = runner.invoke(app, ["train", "--quiet", "--resume", str(out), "--lr", "0.005"])
     assert resumed.exit_code == 0, resumed.output
-    steps = read_metrics(out).steps
+    steps = RunFolder(out).metrics().steps
     assert [m["step"] for m in steps] == list(range(1, 9))
     expected = [0.01 * (9 - k) / 8 for k in (1, 2)] + [0.005 * (9 - k) / 8 for k in range(3, 9)]
     assert [m["lr"] for m in steps] == pytest.approx(expected, rel=1e-9)
@@ -191,7 +191,7 @@ def test_the_nan_advice_can_be_followed(tmp_path, tiny_model_dir, separable_file
 
     longer = runner.invoke(app, ["train", "--quiet", "--resume", str(out), "--max-steps", "10"])
     assert longer.exit_code == 0, longer.output
-    steps = read_metrics(out).steps
+    steps = RunFolder(out).metrics().steps
     assert [m["step"] for m in steps] == list(range(1, 11))
     assert [m["lr"] for m in steps[8:]] == pytest.approx([0.005 * (11 - k) / 10 for k in (9, 10)], rel=1e-9)
     assert config_lines(out)[:2] == ["# --resume at step 2: lr 0.005 (was 0.01)", "# --resume at step 8: max_steps 10 (was 8)"]
@@ -219,7 +219,7 @@ def test_nan_checkpoint_keeps_the_rng_from_before_the_failed_step(tmp_path, tiny
     poison = PoisonStep(monkeypatch, objectives.BCO, step=4, grad_accum=2)
     with pytest.raises(TrainingStopped) as stop:
         train(config, **QUIET)
-    assert stop.value.exit_code == 3 and [c.name for c in checkpoint_dirs(config_out(config))] == ["step-00000003"]
+    assert stop.value.exit_code == 3 and [c.name for c in RunFolder(config_out(config)).checkpoints()] == ["step-00000003"]
     poison.active = False
     train(config, resume=config_out(config), **QUIET)
     assert_same_run(straight, config_out(config))
@@ -247,7 +247,7 @@ def test_resume_equals_a_straight_run(tmp_path, tiny_model_dir, separable_file, 
     config = build_config(**{**values, "output": str(tmp_path / "cut")})
     with pytest.raises(TrainingStopped):
         train(config, progress=SignalAt(3), **QUIET)
-    assert [c.name for c in checkpoint_dirs(tmp_path / "cut")] == ["step-00000003"]
+    assert [c.name for c in RunFolder(tmp_path / "cut").checkpoints()] == ["step-00000003"]
     train(config, resume=tmp_path / "cut", **QUIET)
     assert_same_run(straight, tmp_path / "cut")
 
@@ -267,8 +267,8 @@ def test_ctrl_c_in_the_reference_pass_keeps_the_finished_part(tmp_path, tiny_mod
     """A real SIGINT after 3 batches of the reference pass: the message says how many rows are kept and that
     there is no checkpoint; the same command, interrupted again, adds to them; --resume then computes only the
     batches no one computed, and the run equals one whose reference pass was never interrupted."""
-    import qbco.logprobs as logprobs
-    import qbco.train as qtrain
+    import qbco.model.logprobs as logprobs
+    import qbco.train.loop as qtrain
 
     monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))  # nothing of this data cached yet
     values = settings(tmp_path, separable_file, tiny_model_dir, "run", max_steps=3)
@@ -321,12 +321,11 @@ def test_ctrl_c_in_the_reference_pass_keeps_the_finished_part(tmp_path, tiny_mod
 def test_leftovers_of_a_killed_checkpoint_write(tmp_path):
     """Killed between atomic_folder's two renames, a checkpoint being replaced lies under .NAME.old-PID: it is
     put back; a half-written .NAME.partial-* folder is removed; complete checkpoints stay."""
-    from qbco.checkpoint import remove_leftovers
 
     folder = tmp_path / "checkpoints"
     for name in ("step-00000002", ".step-00000004.old-123", ".step-00000006.partial-abc", ".step-00000002.old-9"):
         (folder / name).mkdir(parents=True)
         (folder / name / "state.json").write_text("{}")
-    remove_leftovers(tmp_path)
+    RunFolder(tmp_path).remove_leftovers()
     assert sorted(p.name for p in folder.iterdir()) == ["step-00000002", "step-00000004"]
-    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000002", "step-00000004"]
+    assert [p.name for p in RunFolder(tmp_path).checkpoints()] == ["step-00000002", "step-00000004"]

@@ -1,13 +1,14 @@
-"""RUN/metrics.jsonl has one reader (qbco/run_log.py) and one rule for a half-written last line: skipped when
+"""RUN/metrics.jsonl has one reader (qbco/run/metrics_log.py) and one rule for a half-written last line: skipped when
 reading, cut off before a resumed run appends; a damaged line anywhere else is an error naming it."""
 
 import json
 
 import pytest
 
-from qbco.errors import QbcoError
-from qbco.plot import read_steps
-from qbco.run_log import MetricsWriter, keep_steps, read_metrics
+from qbco.common.errors import QbcoError
+from qbco.eval.plot import read_steps
+from qbco.run.folder import RunFolder
+from qbco.run.metrics_log import MetricsWriter, keep_steps, read_metrics
 
 STEPS = [{"step": s, "loss": 1.0 / s} for s in range(1, 5)]
 EVAL = {"split": "eval", "step": 4, "eval_loss": 0.5}
@@ -23,7 +24,7 @@ def test_a_half_written_last_line_is_skipped_by_every_reader(tmp_path):
     log = read_metrics(tmp_path / "metrics.jsonl")
     assert log.steps == STEPS and log.eval is None and log.last_step == STEPS[-1]
     assert read_steps(tmp_path) == (STEPS, None)  # qbco plot's view is the same
-    assert read_metrics(tmp_path).steps == STEPS  # a run folder names its log
+    assert RunFolder(tmp_path).metrics().steps == STEPS  # a run folder names its log
 
 
 def test_a_damaged_line_before_the_end_is_an_error_that_names_it(tmp_path):
@@ -32,7 +33,7 @@ def test_a_damaged_line_before_the_end_is_an_error_that_names_it(tmp_path):
     with pytest.raises(QbcoError, match=r"metrics\.jsonl: line 2 is not JSON"):
         read_metrics(path)
     with pytest.raises(QbcoError, match="not found: is"):
-        read_metrics(tmp_path / "elsewhere")
+        RunFolder(tmp_path / "elsewhere").metrics()
 
 
 def test_resume_keeps_the_steps_up_to_the_checkpoint_and_drops_the_rest(tmp_path):

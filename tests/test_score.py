@@ -13,13 +13,13 @@ import torch
 from conftest import separable_rows
 from typer.testing import CliRunner
 
-from qbco import generate as gen
-from qbco.cli import app
-from qbco.data import load_feedback
-from qbco.errors import QbcoError
-from qbco.merge import merge
-from qbco.models import load_run
-from qbco.score import Scorer
+from qbco.cli.main import app
+from qbco.common.errors import QbcoError
+from qbco.data.feedback import load_feedback
+from qbco.eval import generate as gen
+from qbco.eval.score import Scorer
+from qbco.export.merge import merge
+from qbco.run.folder import load_run
 
 CPU = torch.device("cpu")
 runner = CliRunner()
@@ -140,7 +140,7 @@ def test_the_scorer_api_gives_the_same_numbers(tiny_run, rows_file, tmp_path):
 def test_score_marks_the_runs_held_out_rows_and_reads_unlabelled_rows(tiny_run, tmp_path):
     """On the run's own data, each line says whether the run held the row out, and the summary has a column
     for those rows; unlabelled rows get a p_up and no summary."""
-    from qbco.config import load_run_config
+    from qbco.run.config import load_run_config
 
     config = load_run_config(tiny_run / "config.yaml")
     out = tmp_path / "own.jsonl"
@@ -247,7 +247,7 @@ def test_best_of_returns_the_arg_max_of_its_candidates_scores(tiny_run, tmp_path
 def test_best_of_samples_stop_at_every_eos_id_of_the_generation_config(tiny_model_dir):
     """As `qbco generate`'s answers do (Qwen 2.5 lists two EOS ids): each of the N samples ends at the first
     stop id of the generation config or the tokenizer, and the padding after it is not part of the answer."""
-    from qbco.models import load_base, load_tokenizer
+    from qbco.model.loading import load_base, load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = load_base(str(tiny_model_dir), False, torch.float32, CPU).eval()
@@ -275,8 +275,8 @@ def test_best_of_samples_stop_at_every_eos_id_of_the_generation_config(tiny_mode
 
 
 def test_a_run_without_held_out_rows_is_calibrated_by_identity_and_says_so(tmp_path, tiny_model_dir, separable_file):
-    from qbco.config import build_config
-    from qbco.train import train
+    from qbco.run.config import build_config
+    from qbco.train.loop import train
 
     config = build_config(model=str(tiny_model_dir), data=str(separable_file), output=str(tmp_path / "run"), eval_fraction=0.0,
                           lr=1e-2, beta=0.5, max_steps=2, batch_size=8, max_prompt_length=32, max_completion_length=16)

@@ -1,10 +1,10 @@
-"""Task checkers (qbco.tasks) on answers written by hand: what a right answer in another wording passes,
+"""Task checkers (qbco.eval.tasks) on answers written by hand: what a right answer in another wording passes,
 and what a wrong, evasive, verbose or cut-off one fails."""
 
 import pytest
 
-from qbco.errors import QbcoError
-from qbco.tasks import numbers, passes, row_check
+from qbco.common.errors import QbcoError
+from qbco.eval.tasks import numbers, passes, row_check
 
 
 def test_numbers_reads_digits_commas_and_words():

@@ -7,8 +7,8 @@ import os
 import pytest
 from safetensors.torch import load_file
 
-from qbco.config import build_config
-from qbco.train import train
+from qbco.run.config import build_config
+from qbco.train.loop import train
 
 KEYS = {"step", "epoch", "loss", "delta", "reward_up", "reward_down", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}
 
@@ -74,7 +74,7 @@ def test_bce_keeps_delta_at_zero(tmp_path, tiny_model_dir, separable_file):
 def test_reference_log_probs_are_cached_and_reused(tmp_path, tiny_model_dir, separable_file, monkeypatch):
     """A second run on the same base and data reads the reference log-probs from the disk cache (no
     reference pass at all) and trains exactly as the first; other data gets its own entry."""
-    import qbco.train as loop
+    import qbco.train.loop as loop
 
     monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))
     first = run(tmp_path, "first", tiny_model_dir, separable_file, max_steps=3, load_in_4bit=False)

@@ -16,13 +16,13 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from qbco.errors import QbcoError
-from qbco.reader import detect_format, iter_rows
+from qbco.common.errors import QbcoError
+from qbco.common.files import write_temp
+from qbco.data.reader import detect_format, iter_rows
 
 MODES = ("likert", "pairs", "pairs-from-scores")
 DEFAULT_THRESHOLD = 4.0  # HelpSteer2 helpfulness 0-4: 4 is thumbs-up, 0-3 thumbs-down (the paper's mapping)
@@ -298,7 +298,7 @@ def likert_fields(row: dict[str, Any], cols: Columns, scale: tuple[float, float]
     prompt, completion = split_conversation(row.get(cols.response), row.get(cols.prompt))
     score = parse_score(row.get(cols.score))
     if scale is not None and not scale[0] <= score <= scale[1]:
-        raise QbcoError(f"{where}: {cols.score} = {score} is outside the scale {_fmt_scale(scale)}; "
+        raise QbcoError(f"{where}: {cols.score} = {score} is outside the scale {format_scale(scale)}; "
                         "fix the row or pass the right --scale")
     return prompt, completion, score
 
@@ -348,7 +348,7 @@ def binarize_rows(open_rows: RowSource, origin: str, options: Options, summary: 
         summary.scale, summary.scale_source = list(options.scale), "given"
         if options.mode == "likert" and not options.scale[0] < threshold <= options.scale[1]:
             every = "up" if threshold <= options.scale[0] else "down"
-            raise QbcoError(f"--threshold {threshold:g} with --scale {_fmt_scale(options.scale)} makes every row "
+            raise QbcoError(f"--threshold {threshold:g} with --scale {format_scale(options.scale)} makes every row "
                             f"thumbs-{every}; pick a threshold inside the scale")
 
     first = next(iter(open_rows()), None)
@@ -418,7 +418,7 @@ def binarize_rows(open_rows: RowSource, origin: str, options: Options, summary: 
         summary.warnings.append("no row was written; see the drops by reason")
     elif summary.thumbs_up == 0 or summary.thumbs_down == 0:
         only = "up" if summary.thumbs_down == 0 else "down"
-        hint = f" (threshold {threshold:g}, scores {_fmt_scale(summary.scale)})" if options.mode == "likert" else ""
+        hint = f" (threshold {threshold:g}, scores {format_scale(summary.scale)})" if options.mode == "likert" else ""
         summary.warnings.append(f"every written row is thumbs-{only}{hint}; BCO needs both")
 
 
@@ -484,7 +484,7 @@ def _group_label(g: list, n: int, score: float, threshold: float, mode: str) -> 
     return None, NOT_IN_PAIR
 
 
-def _fmt_scale(scale) -> str:
+def format_scale(scale) -> str:
     return "?" if not scale else f"{scale[0]:g}-{scale[1]:g}"
 
 
@@ -518,53 +518,11 @@ def binarize(input_path: Path | str, output_path: Path | str, options: Options |
     rows = binarize_rows(lambda: iter_rows(src, fmt), src.name, options, summary)
     temps: list[Path] = []
     try:
-        temps.append(_write_temp(dst, (json.dumps(r, ensure_ascii=False) + "\n" for r in rows)))
-        temps.append(_write_temp(summary_path(dst), [json.dumps(summary.to_dict(), indent=2) + "\n"]))
+        temps.append(write_temp(dst, (json.dumps(r, ensure_ascii=False) + "\n" for r in rows)))
+        temps.append(write_temp(summary_path(dst), [json.dumps(summary.to_dict(), indent=2) + "\n"]))
         os.replace(temps[0], dst)
         os.replace(temps[1], summary_path(dst))
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
     return summary
-
-
-def _write_temp(dst: Path, chunks: Iterable[str]) -> Path:
-    """The chunks in a new hidden file next to dst (same file system, so os.replace is atomic)."""
-    fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for chunk in chunks:
-                f.write(chunk)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return Path(name)
-
-
-def summary_table(summary: Summary):
-    """The summary as a rich table, for the CLI."""
-    from rich.table import Table
-
-    table = Table(title=f"qbco binarize: {summary.output or summary.input}", show_header=False)
-    share = f"{summary.up_share:.1%}" if summary.up_share is not None else "-"
-    rows = [
-        ("mode", summary.mode + (f" ({summary.passes} passes over the input)" if summary.passes > 1 else "")),
-        ("columns", ", ".join(f"{k}={v}" for k, v in summary.columns.items())),
-    ]
-    if summary.threshold is not None:
-        rows.append(("thumbs-up when", f"{summary.columns.get('score')} >= {summary.threshold:g}"))
-    if summary.scale is not None:
-        rows.append(("scale", f"{_fmt_scale(summary.scale)} ({summary.scale_source})"))
-    rows += [
-        ("rows read", str(summary.rows_read)),
-        ("rows written", str(summary.rows_written)),
-        ("prompts", f"{summary.prompts} ({summary.multi_turn_prompts} multi-turn)"),
-        ("thumbs-up", f"{summary.thumbs_up} ({share})"),
-        ("thumbs-down", str(summary.thumbs_down)),
-        ("dropped", str(summary.dropped_total)),
-    ]
-    rows += [(f"  {reason}", str(count)) for reason, count in sorted(summary.dropped.items())]
-    rows += [("warning", w) for w in summary.warnings]
-    for name, value in rows:
-        table.add_row(name, value)
-    return table

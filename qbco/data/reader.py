@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from qbco.errors import QbcoError
+from qbco.common.errors import QbcoError
 
 FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
 MAX_JSON_ELEMENT_CHARS = 64 << 20  # one row of a .json file may be at most this long (a broken row must not eat RAM)

@@ -1,8 +1,8 @@
 """Named feedback datasets on the Hugging Face Hub for `qbco train --data NAME`, binarized on load.
 
-Each is converted by the same row-level code as `qbco binarize` (qbco.binarize.binarize_rows), so a
+Each is converted by the same row-level code as `qbco binarize` (qbco.data.binarize.binarize_rows), so a
 registered name and a local copy run through `qbco binarize` give the same rows. "demo" is the bundled
-offline set, handled by qbco.data; it is listed here for `qbco datasets` but not registered.
+offline set, handled by qbco.data.feedback; it is listed here for `qbco datasets` but not registered.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qbco.binarize import Options, Summary, binarize_rows
-from qbco.errors import QbcoError
+from qbco.common.errors import QbcoError
+from qbco.data.binarize import Options, Summary, binarize_rows
 
 
 @dataclass(frozen=True)

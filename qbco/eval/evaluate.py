@@ -2,26 +2,34 @@
 reference) and write metrics.json, reliability.png and scores.jsonl (one line per row) into RUN/eval/ (the
 run's held-out rows) or RUN/eval-NAME/ (`--data NAME`). With --generate also answer the rows' prompts with base
 and tuned and write generations.jsonl there: how the answers changed, their rewards under the run and, where
-rows carry a check (qbco.tasks), task success."""
+rows carry a check (qbco.eval.tasks), task success."""
 
 from __future__ import annotations
 
+import gc
 import json
-import os
-import re
 import time
 from pathlib import Path
 
 import torch
 
-from qbco import calibration as calib
-from qbco import metrics
-from qbco.data import Example, encode_all, load_feedback, prompt_pairs, rows_to_examples
-from qbco.errors import QbcoError
-from qbco.loss import implicit_rewards
-from qbco.reader import read_rows
-from qbco.run_folder import atomic_folder
-from qbco.shift import RewardShift
+from qbco.common.errors import QbcoError
+from qbco.common.files import atomic_folder, write_text
+from qbco.common.progress import Wait
+from qbco.data.encoding import encode_all
+from qbco.data.feedback import Example, load_feedback, prompt_pairs, rows_to_examples
+from qbco.data.reader import read_rows
+from qbco.eval.generate import RunModels, answer_both
+from qbco.eval.plot import reliability_diagram
+from qbco.eval.tasks import passes, row_check
+from qbco.model.device import compute_dtype
+from qbco.model.logprobs import dataset_logps, reference_logps
+from qbco.model.names import resolve_model
+from qbco.model.refcache import cache_key
+from qbco.reward import calibration as calib
+from qbco.reward import metrics
+from qbco.reward.loss import implicit_rewards
+from qbco.run.folder import RunFolder, load_run
 
 
 def read_pairs(rows: list[dict], origin: str) -> tuple[list[Example], list[tuple[int, int]]]:
@@ -61,33 +69,16 @@ def eval_examples(config, data: str | None) -> tuple[list[Example], list[tuple[i
     return examples, prompt_pairs([e.prompt_key for e in examples], [e.label for e in examples]), described
 
 
-def run_delta(run_dir: Path, config) -> float:
-    """The delta of p(up) = sigmoid(r - delta): the run's final reward shift for bco, 0 otherwise (bce)."""
-    if config.loss != "bco":
-        return 0.0
-    path = run_dir / "adapter" / "reward_shift.json"
-    if not path.is_file():
-        raise QbcoError(f"{path} is missing: a bco run saves its reward shift there; without it p(up) is unknown")
-    shift = RewardShift()
-    shift.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
-    return shift.delta
-
-
 def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None = None, batch_size: int | None = None, log=print,
              progress=None, generate=None, max_prompts: int | None = None) -> dict:
     """Score the rows, compute every figure (overall and per slice), write RUN/eval/; returns the report.
-    `progress` (the CLI's rich Progress, or None) shows the scoring. `generate`: a qbco.generate.Sampling to
+    `progress` (the CLI's rich Progress, or None) shows the scoring. `generate`: a qbco.eval.generate.Sampling to
     also answer the rows' prompts (the first `max_prompts` distinct ones, default all) with base and tuned
     (answers())."""
-    from qbco.logprobs import dataset_logps, reference_logps
-    from qbco.models import compute_dtype, load_run, resolve_model
-    from qbco.plot import reliability_diagram
-    from qbco.progress import Wait
-    from qbco.refcache import cache_key
-
     run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
     config, tokenizer, model = load_run(run_dir)
-    delta = run_delta(run_dir, config)
+    delta = folder.delta(config)
     examples, pairs, described = eval_examples(config, data)
     if slice_by is not None and not any(slice_by in e.extra for e in examples):
         found = sorted({k for e in examples for k in e.extra})
@@ -121,7 +112,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
         "delta": delta,
         "p_up": "sigmoid(a (r - delta) + b) with the run's calibration; r = beta * (log pi_theta - log pi_ref) "
                 "summed over completion tokens; the binary figures are those of sigmoid(r - delta)",
-        "calibration": {**calibration.to_dict(), "fit_on_these_rows": data is None},
+        "calibration": {**calibration.to_dict(), "description": calibration.describe(), "fit_on_these_rows": data is None},
         "truncated_completions": sum(e.completion_cut for e in encoded),
         "overall": metrics.all_figures(policy, reference, labels, tokens, pairs, config.beta, delta),
         "slices": None,
@@ -137,7 +128,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
             values[value]["binary"]["calibrated"] = calib.figures(calibrated[idx], labels[ix].numpy())
         report["slices"] = {"column": slice_by, "values": values}
 
-    out = eval_folder(run_dir, data, described)
+    out = folder.eval_folder(data, described)
     records = None
     if generate is not None:
         records, kind = answers(run_dir, config, tokenizer, model, entries, delta, generate, size, log)
@@ -155,12 +146,12 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
                 f.write(json.dumps({"source": e.source, "label": e.label, "reward": r, "p_up": c, "p_up_uncalibrated": p,
                                     "policy_logp": pol, "reference_logp": ref, "completion_tokens": n}) + "\n")
         if records is not None:
-            _write_jsonl(tmp / "generations.jsonl", records)
-        _write_json(tmp / "metrics.json", report)
+            write_text(tmp / "generations.jsonl", (json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+        write_text(tmp / "metrics.json", json.dumps(report, indent=2, allow_nan=False) + "\n")  # NaN is refused: not JSON
     names = ["metrics.json", "reliability.png", "scores.jsonl"] + (["generations.jsonl"] if records is not None else [])
     report["files"] = [str(out / n) for n in names]
     if data is None:
-        report["files"].append(str(calib.save(run_dir, calibration)))
+        report["files"].append(str(folder.save_calibration(calibration)))
     return report
 
 
@@ -169,9 +160,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
 
 def distinct_prompts(examples: list[Example], slice_by: str | None) -> list[dict]:
     """One entry per distinct prompt, in the rows' order: the prompt, its first row's source, its slice value,
-    and the check its rows carry (qbco.tasks.row_check: `check`, else `reference`, else None)."""
-    from qbco.tasks import row_check
-
+    and the check its rows carry (qbco.eval.tasks.row_check: `check`, else `reference`, else None)."""
     seen: dict[str, dict] = {}
     for e in examples:
         entry = seen.setdefault(e.prompt_key, {"prompt": e.prompt, "source": e.source, "check": None})
@@ -184,16 +173,10 @@ def distinct_prompts(examples: list[Example], slice_by: str | None) -> list[dict
 
 def answers(run_dir: Path, config, tokenizer, model, entries: list[dict], delta: float, sampling, batch_size: int,
             log=print) -> tuple[list[dict], str]:
-    """Base and tuned answers to every prompt of `entries` (distinct_prompts; qbco.generate: on a CPU the fp32
+    """Base and tuned answers to every prompt of `entries` (distinct_prompts; qbco.eval.generate: on a CPU the fp32
     twin of the 4-bit run), each scored under the run with the same passes as the rows (reward, p_up) and,
     where the prompt has a check, judged (success). One record per prompt, as generations.jsonl holds them;
     and what answered (RunModels.kind)."""
-    import gc
-
-    from qbco.generate import RunModels, answer_both
-    from qbco.logprobs import dataset_logps, reference_logps
-    from qbco.tasks import passes
-
     sampling.validate()
     device = next(model.parameters()).device
     started = time.perf_counter()
@@ -259,139 +242,10 @@ def answer_figures(records: list[dict], slice_by: str | None = None) -> dict:
     return report
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def eval_folder(run_dir: Path, data: str | None, described: str) -> Path:
-    """RUN/eval/ for the run's own held-out rows; RUN/eval-NAME/ for --data NAME or FILE (NAME-2, -3, ... when
-    that name already holds the figures of other rows), so no evaluation writes over another."""
-    if data is None:
-        return run_dir / "eval"
-    name = Path(data).expanduser().stem if Path(data).expanduser().is_file() else data
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "data"
-    folder, n = run_dir / f"eval-{slug}", 1
-    while (folder / "metrics.json").is_file() and json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("data") != described:
-        n += 1
-        folder = run_dir / f"eval-{slug}-{n}"
-    return folder
-
-
 def calibrate_or_load(run_dir: Path, data: str | None, margins, labels, described: str) -> calib.Calibration:
-    """On the run's own held-out rows (no --data) the Platt scale is fit again (evaluate stores it in
-    RUN/calibration.json once RUN/eval/ is written; a run trained before qbco calibrated gets one this way); on
-    other rows the stored one is applied, so its 'after' figures are measured on rows it did not see."""
+    """On the run's own held-out rows (no --data) the Platt scale is fit again (evaluate stores it in the run
+    once RUN/eval/ is written; a run trained before qbco calibrated gets one this way); on other rows the stored
+    one is applied, so its 'after' figures are measured on rows it did not see."""
     if data is None:
         return calib.calibrate(margins, labels, described)
-    return calib.load(run_dir)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    """Written beside and renamed: a reader never sees half a file. NaN is refused (not JSON)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------- the table `qbco eval` prints
-
-
-def _f(value, digits: int = 3, signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
-def _rows(figures: dict) -> list[tuple[str, str]]:
-    b, p, d = figures["binary"], figures["pairs"], figures["drift"]
-    half, best = b["at_0.5"], b["at_best_f1"]
-    rows = [
-        ("rows (thumbs-up share)", f"{b['rows']} ({b['thumbs_up_share']:.0%})"),
-        ("ROC-AUC", _f(b["roc_auc"])),
-        ("PR-AUC (average precision)", _f(b["pr_auc"])),
-        ("accuracy @ p>0.5", _f(half["accuracy"])),
-        ("precision / recall / F1 @ p>0.5", f"{_f(half['precision'])} / {_f(half['recall'])} / {_f(half['f1'])}"),
-        ("F1-best threshold p (r - delta)", f"{_f(best['threshold'])} ({_f(best['reward_margin'], signed=True)})" if best else "-"),
-        ("accuracy @ best", _f(best["accuracy"]) if best else "-"),
-        ("precision / recall / F1 @ best", f"{_f(best['precision'])} / {_f(best['recall'])} / {_f(best['f1'])}" if best else "-"),
-        ("log-loss (BCE of p, nats)", _f(b["log_loss"], 4)),
-        ("Brier score", _f(b["brier"], 4)),
-        ("ECE (10 bins)", _f(b["ece"], 4)),
-        ("ECE, calibrated p_up", _f(b["calibrated"]["ece"], 4)),
-        ("log-loss, calibrated p_up", _f(b["calibrated"]["log_loss"], 4)),
-        ("BCO loss (per-class means)", _f(b["bco_loss"], 4)),
-    ]
-    if p:
-        rows += [
-            ("pairs", str(p["pairs"])),
-            ("pair reward accuracy", _f(p["reward_accuracy"])),
-            ("pair mean margin r_w - r_l", _f(p["mean_margin"], 4, signed=True)),
-            ("DPO loss / BCE loss on pairs", f"{_f(p['dpo_loss'], 4)} / {_f(p['bce_loss'], 4)}"),
-            ("BCE - DPO (Theorem 1: >= 0)", _f(p["bce_minus_dpo"], 4, signed=True)),
-        ]
-    else:
-        rows.append(("pairs", "none"))
-    rows += [
-        ("log-ratio per token (nats)", _f(d["log_ratio_per_token"], 4, signed=True)),
-        ("log-ratio per sequence (nats)", _f(d["log_ratio_per_sequence"], 4, signed=True)),
-        ("mean reward beta * log-ratio", _f(d["mean_reward"], 4, signed=True)),
-    ]
-    return rows
-
-
-def summary_table(report: dict):
-    """A rich Table: one row per figure, a column for all rows and one per slice value."""
-    from rich.table import Table
-
-    columns = {"all": report["overall"]}
-    if report["slices"]:
-        columns.update({f"{report['slices']['column']}={v}": f for v, f in report["slices"]["values"].items()})
-    cal = report["calibration"]
-    seen = " (fit on these rows: 'calibrated' is optimistic)" if cal["fit_on_these_rows"] and cal["method"] != "identity" else ""
-    table = Table(title=f"qbco eval: {report['run']}\n{report['data']}; {report['loss']}, beta {report['beta']}, delta {report['delta']:+.4f}"
-                        f"\ncalibration: {calib.Calibration.from_dict(cal).describe()}{seen}")
-    table.add_column("figure")
-    for name in columns:
-        table.add_column(name, justify="right")
-    per_column = [_rows(f) for f in columns.values()]
-    names = [name for name, _ in per_column[0]]
-    for name in names:
-        table.add_row(name, *[dict(rows).get(name, "-") for rows in per_column])
-    return table
-
-
-def _success(figures: dict) -> tuple[str, str]:
-    if not figures["success"]:
-        return "-", "-"
-    n, counts = figures["checked"], figures["success_counts"]
-    return tuple(f"{counts[w]}/{n} ({figures['success'][w]:.0%})" for w in ("base", "tuned"))
-
-
-def generation_table(report: dict):
-    """A rich Table of report['generation']: base vs tuned answers, a column for all prompts and one per slice."""
-    from rich.table import Table
-
-    gen = report["generation"]
-    columns = {"all": gen["overall"]}
-    if gen["slices"]:
-        columns.update({f"{gen['slices']['column']}={v}": f for v, f in gen["slices"]["values"].items()})
-    table = Table(title=f"qbco eval --generate: {report['run']}\n{report['generation_kind']}; {report['sampling']}")
-    table.add_column("answers")
-    for name in columns:
-        table.add_column(name, justify="right")
-    rows = [
-        ("prompts", lambda f: str(f["prompts"])),
-        ("tuned answer differs from base", lambda f: f"{f['changed']:.0%}"),
-        ("mean tokens base -> tuned", lambda f: f"{f['tokens']['base']:.1f} -> {f['tokens']['tuned']:.1f}"),
-        ("mean reward base -> tuned", lambda f: f"{f['reward']['base']:+.3f} -> {f['reward']['tuned']:+.3f}"),
-        ("tuned reward above base's", lambda f: f"{f['tuned_reward_higher']:.0%}"),
-        ("task success: base", lambda f: _success(f)[0]),
-        ("task success: tuned", lambda f: _success(f)[1]),
-    ]
-    for name, cell in rows:
-        table.add_row(name, *[cell(f) for f in columns.values()])
-    return table
+    return RunFolder(run_dir).calibration()

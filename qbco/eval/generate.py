@@ -4,22 +4,28 @@ training can be read side by side."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 
-from qbco.errors import QbcoError
-from qbco.models import (
-    compute_dtype,
-    default_device,
-    load_base,
-    load_run,
-    load_tokenizer,
-    resolve_model,
-)
+from qbco.common.errors import QbcoError
+from qbco.common.files import write_temp
+from qbco.data.encoding import prompt_text
+from qbco.data.feedback import read_demo
+from qbco.data.reader import read_rows
+from qbco.eval.score import Scorer
+from qbco.model.device import compute_dtype, default_device
+from qbco.model.loading import dequantized_base, load_base, load_tokenizer
+from qbco.model.names import cache_dir, resolve_model
+from qbco.model.refcache import base_identity
+from qbco.run.folder import ADAPTER, CONFIG, MERGE_INFO, RunFolder, load_run, merge_info
 
 BATCH = 16  # prompts per generate() call: measured 4x faster than one at a time on SmolLM2 (docs/eval.md)
 
@@ -55,16 +61,9 @@ class Answer:
     base: str | None = None
 
 
-def is_run(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "adapter" / "adapter_config.json").is_file()
-
-
 def read_prompts(prompts: list[str] | None, data: str | None, limit: int) -> list:
     """--prompt texts as given, or the first `limit` distinct prompts of --data ('demo': its held-out part,
     or a .jsonl/.json/.csv/.tsv/.parquet file with a prompt column)."""
-    from qbco.data import read_demo
-    from qbco.reader import read_rows
-
     if prompts and data:
         raise QbcoError("give --prompt or --data, not both")
     if prompts:
@@ -104,19 +103,16 @@ class RunModels:
     answers (`tuned()`), after any base answers (`base()`)."""
 
     def __init__(self, run_dir: Path, device, path: str = "auto"):
-        from qbco.config import load_run_config
-
-        config = load_run_config(run_dir / "config.yaml")
+        folder = RunFolder(run_dir)
+        config = folder.finished_config()
         self.config, self.device = config, device
         self.float = path == "float" or (path == "auto" and fast_on_cpu(config, device))
         if self.float:
-            from peft import PeftModel
+            from peft import PeftModel  # peft's import costs a second; only the commands that load a run pay it
 
-            from qbco.score import merged_base
-
-            self.tokenizer = load_tokenizer(str(run_dir / "adapter"))
+            self.tokenizer = load_tokenizer(str(folder.adapter))
             # The weights qbco merge adds the adapter to (NF4 dequantized to fp32), the adapter kept apart for the base's answers.
-            self.model = PeftModel.from_pretrained(merged_base(config, device), run_dir / "adapter", is_trainable=False).eval()
+            self.model = PeftModel.from_pretrained(dequantized_base(config, device), folder.adapter, is_trainable=False).eval()
             self.kind = f"run: {CPU_FLOAT}" if config.load_in_4bit else "run: fp32 base + adapter merged"
         else:
             _, self.tokenizer, self.model = load_run(run_dir, device)
@@ -137,21 +133,18 @@ class RunModels:
 
 def load_models(target: str | Path, compare: bool, device, path: str = "auto"):
     """(tokenizer, what answers as tuned, base model or None, what was loaded). A run gives a RunModels (its
-    base is itself with adapters off); a merged folder's base is read from the qbco_merge.json that `qbco
+    base is itself with adapters off); a merged folder's base is read from the record that `qbco
     merge` writes and loaded in float."""
-    from transformers import AutoModelForCausalLM
-
-    from qbco.merge import MERGE_INFO
+    from transformers import AutoModelForCausalLM  # transformers' import costs seconds: only where a model loads
 
     folder = Path(target).expanduser()
-    if is_run(folder):
+    if RunFolder(folder).is_finished():
         run = RunModels(folder, device, path=path)
         return run.tokenizer, run, None, run.kind + ("; base: adapters off" if compare else "")
     if not (folder / "config.json").is_file():
-        raise QbcoError(f"{target} is neither a qbco run (config.yaml + adapter/) nor a model folder (config.json)")
+        raise QbcoError(f"{target} is neither a qbco run ({CONFIG} + {ADAPTER}/) nor a model folder (config.json)")
     dtype = compute_dtype("auto", device)  # fp32 on a CPU, where bf16 matmul is slow; bf16 weights load exactly
-    info = folder / MERGE_INFO
-    meta = json.loads(info.read_text(encoding="utf-8")) if info.is_file() else {}
+    meta = merge_info(folder) or {}
     remote = bool(meta.get("trust_remote_code", False))
     tokenizer = load_tokenizer(str(folder), remote)
     try:
@@ -173,8 +166,6 @@ def load_models(target: str | Path, compare: bool, device, path: str = "auto"):
 def complete_all(model, tokenizer, prompts: list, sampling: Sampling, device, batch_size: int = BATCH) -> list[str]:
     """Answers to every prompt, formatted as in training (the chat template when the tokenizer has one),
     `batch_size` prompts at a time, left-padded so that every row's answer starts where its prompt ends."""
-    from qbco.data import prompt_text
-
     stops = stop_ids(model, tokenizer)
     options = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
                "eos_token_id": stops, "use_cache": True}
@@ -227,13 +218,6 @@ def base_answers_key(run: RunModels, prompts: list, sampling: Sampling) -> str:
     """What the base's answers depend on: the base (its files), how it answers (4-bit or the float twin,
     dtype, device kind), every prompt's token ids, the sampling, the batching and the library versions.
     Not the adapter: the base answers with it off."""
-    import hashlib
-
-    import transformers
-
-    from qbco.data import prompt_text
-    from qbco.refcache import base_identity
-
     c = run.config
     dtype = torch.float32 if run.float else compute_dtype(c.dtype, run.device)
     h = hashlib.sha256(json.dumps([base_identity(resolve_model(c.model)), c.load_in_4bit, run.float, str(dtype),
@@ -248,11 +232,6 @@ def base_answers_key(run: RunModels, prompts: list, sampling: Sampling) -> str:
 def cached_answers(key: str, compute) -> list[str]:
     """The base's answers for `key` from QBCO_CACHE/answers/, or compute() written there atomically: every
     run on the same base asks its base the same questions (qbco eval --generate after each run)."""
-    import os
-    import tempfile
-
-    from qbco.models import cache_dir
-
     path = cache_dir() / "answers" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
@@ -299,14 +278,6 @@ def generate(target: str | Path, prompts: list, sampling: Sampling, compare: boo
     return answers, kind
 
 
-def prompt_label(prompt) -> str:
-    """A prompt as one line of text for a table: a chat prompt shows its last user message."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m.get("role") == "user"]
-    return users[-1] if users else prompt[-1]["content"]
-
-
 # ---------------------------------------------------------------- best-of-n
 
 
@@ -332,8 +303,6 @@ def pick_best(rewards) -> int:
 def sample_answers(model, tokenizer, prompt, n: int, sampling: Sampling, device) -> list[str]:
     """n sampled answers to one prompt in one generate call (num_return_sequences), formatted as in training and
     stopped at every stop id, as `complete` is."""
-    from qbco.data import prompt_text
-
     text, templated = prompt_text(prompt, tokenizer)
     inputs = tokenizer(text, add_special_tokens=not templated, return_tensors="pt").to(device)
     stops = stop_ids(model, tokenizer)
@@ -352,9 +321,7 @@ def sample_answers(model, tokenizer, prompt, n: int, sampling: Sampling, device)
 def best_of(target: str | Path, prompts: list, n: int, sampling: Sampling, device: torch.device | None = None,
             scorer=None) -> tuple[list[BestOf], str]:
     """For every prompt, n answers sampled from `target` (a run or a merged folder) and scored with its own
-    reward (qbco.score.Scorer); also what was loaded. `scorer` (a loaded Scorer) skips the loading."""
-    from qbco.score import Scorer
-
+    reward (qbco.eval.score.Scorer); also what was loaded. `scorer` (a loaded Scorer) skips the loading."""
     sampling.validate()
     if n < 2:
         raise QbcoError(f"--best-of needs at least 2 answers per prompt (got {n})")
@@ -374,12 +341,8 @@ def best_of(target: str | Path, prompts: list, n: int, sampling: Sampling, devic
 def write_candidates(results: list[BestOf], output: Path) -> None:
     """One JSON line per candidate: prompt, candidate index, answer, reward, p_up, and whether it was picked;
     written beside and renamed, so the file appears whole or not at all."""
-    import os
-
-    from qbco.binarize import _write_temp
-
     output.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"prompt": r.prompt, "candidate": k, "answer": a, "reward": rw, "p_up": p, "best": k == r.best},
                         ensure_ascii=False) + "\n"
              for r in results for k, (a, rw, p) in enumerate(zip(r.answers, r.rewards, r.p_up))]
-    os.replace(_write_temp(output, lines), output)
+    os.replace(write_temp(output, lines), output)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from qbco.errors import QbcoError
+from qbco.common.errors import QbcoError
+from qbco.run.folder import RunFolder
 
 
 def _figure(width: float, height: float):
@@ -24,12 +25,11 @@ def _figure(width: float, height: float):
 
 
 def read_steps(run_dir: str | Path) -> tuple[list[dict], dict | None]:
-    """(one record per optimizer step, the eval record or None) of RUN/metrics.jsonl."""
-    from qbco.run_log import read_metrics
-
-    metrics = read_metrics(Path(run_dir))
+    """(one record per optimizer step, the eval record or None) of the run's metrics log."""
+    folder = RunFolder(run_dir)
+    metrics = folder.metrics()
     if not metrics.steps:
-        raise QbcoError(f"{Path(run_dir) / 'metrics.jsonl'} holds no training steps yet")
+        raise QbcoError(f"{folder.metrics_file} holds no training steps yet")
     return metrics.steps, metrics.eval
 
 
@@ -39,7 +39,7 @@ def _values(steps: list[dict], key: str) -> list[float]:
 
 
 def training_curves(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """RUN/metrics.png (or `output`): loss, delta, mean reward of the thumbs-up and thumbs-down rows, tokens/s,
+    """The run's plot file (or `output`): loss, delta, mean reward of the thumbs-up and thumbs-down rows, tokens/s,
     each against the optimizer step."""
     run_dir = Path(run_dir)
     steps, evaluation = read_steps(run_dir)
@@ -66,7 +66,7 @@ def training_curves(run_dir: str | Path, output: str | Path | None = None) -> Pa
     if evaluation and "eval_reward_accuracy" in evaluation:
         title += f"; held-out reward accuracy {evaluation['eval_reward_accuracy']:.3f}, loss {evaluation['eval_loss']:.4f}"
     fig.suptitle(title)
-    out = Path(output) if output else run_dir / "metrics.png"
+    out = Path(output) if output else RunFolder(run_dir).plot_file
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
     return out

@@ -1,7 +1,7 @@
 """A finished run as a calibrated thumbs-up predictor: for each (prompt, completion) the policy's and the
 reference's log-probs, the implicit reward r, r - delta and p_up = sigmoid(a (r - delta) + b) with the
-run's Platt scale (qbco/calibration.py). `Scorer` is the Python API for serving code; `score_file` is
-`qbco score`. Log-probs come from the one path (qbco.logprobs.dataset_logps), rows from the one reader."""
+run's Platt scale (qbco/reward/calibration.py). `Scorer` is the Python API for serving code; `score_file` is
+`qbco score`. Log-probs come from qbco.model.logprobs.dataset_logps, rows from the one reader."""
 
 from __future__ import annotations
 
@@ -14,23 +14,21 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from qbco import calibration as calib
-from qbco.errors import QbcoError
-
-
-def merged_base(config, device: torch.device, dtype: torch.dtype = torch.float32):
-    """The base `qbco merge` merges a run's adapter into (qbco.merge.merge_exact), without the adapter: a 4-bit
-    run's NF4 weights loaded as training loads them and dequantized to fp32, a float run's base widened to
-    fp32; then in `dtype`. The reference of a merged folder: the same weights the merge added the adapter to."""
-    from qbco.merge import to_fp32_compute
-    from qbco.models import compute_dtype, load_base, resolve_model
-
-    base = load_base(resolve_model(config.model), config.load_in_4bit, compute_dtype(config.dtype, device), device,
-                     config.trust_remote_code)
-    to_fp32_compute(base)
-    if getattr(base, "hf_quantizer", None) is not None:
-        base = base.dequantize(dtype=torch.float32)
-    return base.to(dtype).eval()
+from qbco.common.errors import QbcoError
+from qbco.common.files import write_temp
+from qbco.common.progress import Wait
+from qbco.data.binarize import summary_path
+from qbco.data.encoding import encode_all
+from qbco.data.feedback import Example, load_feedback, rows_to_examples
+from qbco.data.reader import read_rows
+from qbco.model.device import compute_dtype, default_device
+from qbco.model.loading import dequantized_base, load_tokenizer
+from qbco.model.logprobs import check_against_forward, dataset_logps
+from qbco.model.lora import reference
+from qbco.reward import calibration as calib
+from qbco.reward import metrics
+from qbco.reward.loss import implicit_rewards
+from qbco.run.folder import MERGE_INFO, RunFolder, load_run, merge_info
 
 
 @dataclass
@@ -60,7 +58,7 @@ class Scorer:
         scorer.p_up(["What is 2 + 2?", "What is 2 + 2?"], ["4.", "Ask someone else."])   # array([0.9, 0.1])
 
     A run is loaded as it was trained (4-bit or float base + adapter; the reference is the same model with
-    the adapter off), a merged folder as saved, with the base its qbco_merge.json names as the reference.
+    the adapter off), a merged folder as saved, with the base its merge record names as the reference.
     A prompt is text or a list of chat messages, formatted as in training; one prompt is paired with every
     completion.
     """
@@ -78,43 +76,32 @@ class Scorer:
     @classmethod
     def load(cls, target: str | Path, device: torch.device | None = None, batch_size: int | None = None) -> "Scorer":
         """A run folder, or a folder written by `qbco merge` (whose run still holds beta, delta and calibration)."""
-        from qbco.merge import MERGE_INFO
-        from qbco.models import default_device
-
         if batch_size is not None and batch_size < 1:
             raise QbcoError(f"--batch-size must be >= 1 (got {batch_size})")
         path = Path(target).expanduser()
+        run = RunFolder(path)
         device = device or default_device()
-        if (path / MERGE_INFO).is_file() and not (path / "config.yaml").is_file():
-            return cls._load_merged(path, device, batch_size)
-        if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        meta = merge_info(path)
+        if meta is not None and not run.holds_run():
+            return cls._load_merged(path, meta, device, batch_size)
+        if (path / "config.json").is_file() and not run.holds_run():
             raise QbcoError(f"{target} is a model folder without {MERGE_INFO}, so its reference (the base) is unknown; "
                             "score a qbco run or a folder written by qbco merge")
-        from qbco.evaluate import run_delta
-        from qbco.models import load_run
-
-        config, tokenizer, model = load_run(path, device)  # a folder without adapter/ is a one-line error
-        return cls(tokenizer, model, beta=config.beta, delta=run_delta(path, config), calibration=calib.load(path),
+        config, tokenizer, model = load_run(path, device)  # a folder that is not a finished run is a one-line error
+        return cls(tokenizer, model, beta=config.beta, delta=run.delta(config), calibration=run.calibration(),
                    max_prompt_length=config.max_prompt_length, max_completion_length=config.max_completion_length,
                    batch_size=batch_size or config.batch_size, chunk=config.logprob_chunk, device=device, config=config,
                    kind=f"run: {'4-bit' if config.load_in_4bit else 'float'} base + adapter; reference: adapter off")
 
     @classmethod
-    def _load_merged(cls, folder: Path, device, batch_size: int | None) -> "Scorer":
-        from transformers import AutoModelForCausalLM
+    def _load_merged(cls, folder: Path, meta: dict, device, batch_size: int | None) -> "Scorer":
+        from transformers import AutoModelForCausalLM  # transformers' import costs seconds: only where a model loads
 
-        from qbco.config import load_run_config
-        from qbco.evaluate import run_delta
-        from qbco.logprobs import check_against_forward
-        from qbco.merge import MERGE_INFO
-        from qbco.models import compute_dtype, load_tokenizer
-
-        meta = json.loads((folder / MERGE_INFO).read_text(encoding="utf-8"))
-        run_dir = Path(meta.get("run", ""))
-        if not (run_dir / "config.yaml").is_file():
-            raise QbcoError(f"{folder}: the run it was merged from ({run_dir}, named in {MERGE_INFO}) is gone; "
+        run = RunFolder(meta.get("run", ""))
+        if not run.holds_run():
+            raise QbcoError(f"{folder}: the run it was merged from ({run}, named in {MERGE_INFO}) is gone; "
                             "its beta, delta and calibration are needed to score")
-        config = load_run_config(run_dir / "config.yaml")
+        config = run.config()
         dtype = compute_dtype("auto", device)
         remote = bool(meta.get("trust_remote_code", False))
         try:
@@ -123,9 +110,9 @@ class Scorer:
             raise QbcoError(f"cannot load the model in {folder}: {err}") from None
         model.to(device).eval()
         check_against_forward(model)  # as load_base does: a logit transform qbco does not apply is refused (docs/pitfalls.md, 15)
-        reference_model = merged_base(config, device, dtype)
-        return cls(load_tokenizer(str(folder), remote), model, beta=config.beta, delta=run_delta(run_dir, config),
-                   calibration=calib.load(run_dir), max_prompt_length=config.max_prompt_length,
+        reference_model = dequantized_base(config, device, dtype)
+        return cls(load_tokenizer(str(folder), remote), model, beta=config.beta, delta=run.delta(config),
+                   calibration=run.calibration(), max_prompt_length=config.max_prompt_length,
                    max_completion_length=config.max_completion_length, batch_size=batch_size or config.batch_size,
                    chunk=config.logprob_chunk, reference_model=reference_model, device=device, config=config,
                    kind=f"merged folder; reference: {meta.get('model')}, "
@@ -135,8 +122,6 @@ class Scorer:
 
     def encode(self, prompts, completions: Sequence[str]):
         """Encoded rows as in training (prompt cut from the left, completion ended by EOS, cut from the right)."""
-        from qbco.data import Example
-
         completions = list(completions)
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
             prompts = [prompts] * len(completions)  # one prompt (text or chat messages) for every completion
@@ -146,20 +131,13 @@ class Scorer:
         return self.encode_examples([Example(p, c, None, f"row {i}") for i, (p, c) in enumerate(zip(prompts, completions), start=1)])
 
     def encode_examples(self, examples):
-        from qbco.data import encode_all
-
         # A row's label plays no part in its log-probs; an unlabelled one is encoded as a thumbs-down.
         rows = [replace(e, label=bool(e.label)) for e in examples]
         return encode_all(rows, self.tokenizer, self.max_prompt_length, self.max_completion_length)
 
     def score_encoded(self, encoded, on_rows: Callable[[int], None] | None = None) -> Scores:
         """Scores of encoded rows: one no-grad pass of the policy, one of the reference; `on_rows(done)` hears
-        the rows done of both passes together (2 x rows in all), as a qbco.progress.Wait takes them."""
-        from qbco import metrics
-        from qbco.logprobs import dataset_logps
-        from qbco.loss import implicit_rewards
-        from qbco.models import reference
-
+        the rows done of both passes together (2 x rows in all), as a qbco.common.progress.Wait takes them."""
         args = (encoded, self.batch_size, self.tokenizer.pad_token_id, self.device, self.chunk)
         second = None if on_rows is None else (lambda done: on_rows(len(encoded) + done))
         policy = dataset_logps(self.model, *args, on_rows)
@@ -193,9 +171,6 @@ class Scorer:
 def read_rows_to_score(data: str):
     """(examples, what they are) from a file (prompt, completion; label optional) or a name ('demo', a
     registered dataset: every row of it, train and held-out). Read and checked as `qbco train` reads."""
-    from qbco.data import load_feedback, rows_to_examples
-    from qbco.reader import read_rows
-
     path = Path(data).expanduser()
     if path.is_file():
         return rows_to_examples(read_rows(path), str(path), labels=False), f"{path} (every row)"
@@ -205,8 +180,6 @@ def read_rows_to_score(data: str):
 
 def held_out_sources(data: str, config) -> set[str] | None:
     """The rows of `data` that the run held out, when `data` is the run's own training data; else None."""
-    from qbco.data import load_feedback
-
     same = data == config.data or (Path(data).expanduser().is_file() and Path(config.data).expanduser().is_file()
                                    and Path(data).expanduser().resolve() == Path(config.data).expanduser().resolve())
     if not same:
@@ -228,8 +201,6 @@ def score_file(target: str | Path, data: str, output: str | Path, batch_size: in
     """Score every row of `data` with `target`; write one JSON line per row to `output` and, with labels,
     the classifier's figures to OUTPUT.summary.json. Every check of the input comes before the model loads,
     and both files appear whole or not at all. `progress` (the CLI's rich Progress, or None) shows the scoring."""
-    from qbco.binarize import _write_temp, summary_path
-
     output = Path(output).expanduser()
     check_output(output, data, overwrite)
     examples, described = read_rows_to_score(data)
@@ -237,8 +208,6 @@ def score_file(target: str | Path, data: str, output: str | Path, batch_size: in
     log(f"{len(examples)} rows of {described}; {scorer.kind}; calibration: {scorer.calibration.describe()}")
     held = held_out_sources(data, scorer.config)
     encoded = scorer.encode_examples(examples)
-    from qbco.progress import Wait
-
     scores = scorer.score_encoded(encoded, Wait(progress, "scoring: policy, then reference", 2 * len(encoded)))
 
     lines = []
@@ -248,11 +217,11 @@ def score_file(target: str | Path, data: str, output: str | Path, batch_size: in
         lines.append(json.dumps({**line, **{k: v for k, v in e.extra.items() if k not in line}}, ensure_ascii=False) + "\n")
     summary = summarise(examples, scores, held, scorer, described, str(target))
     output.parent.mkdir(parents=True, exist_ok=True)
-    temps = [_write_temp(output, lines)]
+    temps = [write_temp(output, lines)]
     try:
         files = [output]
         if summary["figures"]:
-            temps.append(_write_temp(summary_path(output), [json.dumps(summary, indent=2, allow_nan=False) + "\n"]))
+            temps.append(write_temp(summary_path(output), [json.dumps(summary, indent=2, allow_nan=False) + "\n"]))
             files.append(summary_path(output))
         for tmp, dst in zip(temps, files):
             os.replace(tmp, dst)
@@ -268,8 +237,6 @@ def score_file(target: str | Path, data: str, output: str | Path, batch_size: in
 def labelled_figures(scores: Scores, labels: list, delta: float, index: list[int]) -> dict | None:
     """qbco eval's binary figures of p(up) = sigmoid(r - delta) on the labelled rows among `index`, with
     ECE, log-loss and Brier score of the calibrated p_up beside them; None without labelled rows."""
-    from qbco import metrics
-
     rows = [i for i in index if labels[i] is not None]
     if not rows:
         return None
@@ -287,34 +254,5 @@ def summarise(examples, scores: Scores, held: set[str] | None, scorer: Scorer, d
         figures["held_out"] = labelled_figures(scores, labels, scorer.delta, [i for i, e in enumerate(examples) if e.source in held])
     return {"target": target, "data": described, "kind": scorer.kind, "rows": len(examples),
             "labelled": sum(label is not None for label in labels), "beta": scorer.beta, "delta": scorer.delta,
-            "calibration": scorer.calibration.to_dict(), "figures": {k: v for k, v in figures.items() if v is not None}}
-
-
-def summary_table(summary: dict):
-    """`qbco score`'s figures as a rich Table: a column for all labelled rows, one for the run's held-out rows."""
-    from rich.table import Table
-
-    table = Table(title=f"qbco score: {summary['target']}\n{summary['data']}; delta {summary['delta']:+.4f}; "
-                        f"calibration: {calib.Calibration.from_dict(summary['calibration']).describe()}")
-    table.add_column("figure")
-    names = {"all": f"labelled rows ({summary['labelled']})", "held_out": "held-out rows of the run"}
-    columns = summary["figures"]
-    for key in columns:
-        table.add_column(names[key], justify="right")
-
-    def f(value, digits=3):
-        return "-" if value is None else f"{value:.{digits}f}"
-
-    rows = [
-        ("rows (thumbs-up share)", lambda b: f"{b['rows']} ({b['thumbs_up_share']:.0%})"),
-        ("ROC-AUC", lambda b: f(b["roc_auc"])),
-        ("accuracy @ p>0.5", lambda b: f(b["at_0.5"]["accuracy"])),
-        ("F1 @ p>0.5", lambda b: f(b["at_0.5"]["f1"])),
-        ("ECE, sigmoid(r - delta)", lambda b: f(b["ece"], 4)),
-        ("ECE, calibrated p_up", lambda b: f(b["calibrated"]["ece"], 4)),
-        ("log-loss, sigmoid(r - delta)", lambda b: f(b["log_loss"], 4)),
-        ("log-loss, calibrated p_up", lambda b: f(b["calibrated"]["log_loss"], 4)),
-    ]
-    for name, cell in rows:
-        table.add_row(name, *[cell(b) for b in columns.values()])
-    return table
+            "calibration": {**scorer.calibration.to_dict(), "description": scorer.calibration.describe()},
+            "figures": {k: v for k, v in figures.items() if v is not None}}

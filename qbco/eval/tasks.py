@@ -25,7 +25,7 @@ import re
 import unicodedata
 from typing import Any
 
-from qbco.errors import QbcoError
+from qbco.common.errors import QbcoError
 
 KINDS = ("number", "mentions", "choice", "exact", "list")
 

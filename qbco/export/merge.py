@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import math
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -20,13 +19,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from qbco.config import TrainConfig, load_run_config
-from qbco.data import Encoded, encode_all, load_feedback, read_demo
-from qbco.errors import QbcoError
-from qbco.memory import NF4_BYTES, GiB
-from qbco.models import EXCLUDED_TARGETS, MODEL_ALIASES, compute_dtype, default_device, load_base, load_tokenizer, resolve_model
-from qbco.run_folder import atomic_folder
-from qbco.run_log import Metrics, read_metrics
+from qbco.common.errors import QbcoError
+from qbco.common.files import atomic_folder
+from qbco.common.progress import Wait
+from qbco.data.encoding import Encoded, encode_all
+from qbco.data.feedback import load_feedback, read_demo
+from qbco.model.device import compute_dtype, default_device
+from qbco.model.loading import load_base, load_tokenizer, to_fp32_compute
+from qbco.model.lora import EXCLUDED_TARGETS
+from qbco.model.memory import NF4_BYTES, GiB, estimate
+from qbco.model.names import hub_id, resolve_model
+from qbco.run.config import TrainConfig
+from qbco.run.folder import RunFolder, write_merge_info
+from qbco.run.metrics_log import Metrics
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # --dtype auto tries these in order and keeps the first within the limit: smallest first, and bf16 before
@@ -34,7 +39,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 AUTO_ORDER = ("bf16", "fp16", "fp32")
 DEFAULT_MAX_GAP = 0.05  # nats per completion token; measured on the demo run: bf16 0.58, fp16 0.018, fp32 1.5e-5
 CHECK_ROWS = 32
-MERGE_INFO = "qbco_merge.json"  # what generate --compare reads to find the base
 
 
 @dataclass
@@ -80,13 +84,6 @@ def merge_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QbcoError("--device cuda: no CUDA device is available here; use --device cpu")
     return device
-
-
-def hub_id(model: str) -> str | None:
-    """The Hub id a model name stands for, or None for a local folder."""
-    if model in MODEL_ALIASES:
-        return MODEL_ALIASES[model]
-    return model if "/" in model and not Path(model).expanduser().is_dir() else None
 
 
 # ---------------------------------------------------------------- rows and log-probs
@@ -137,41 +134,15 @@ def gap(dtype: str, logps: list[torch.Tensor], reference: list[torch.Tensor]) ->
 # ---------------------------------------------------------------- the trained model and the exact merge
 
 
-def read_run(run_dir: Path) -> TrainConfig:
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise QbcoError(f"{run_dir} is not a finished qbco run (needs config.yaml and adapter/)")
-    return load_run_config(run_dir / "config.yaml")
-
-
 def check_adapter(run_dir: Path, model_config) -> None:
     """Refuse an adapter on a tied lm_head / embed_tokens: merged, it would change both (docs/pitfalls.md, 12)."""
-    adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
-    targets = adapter.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else targets
+    targets = RunFolder(run_dir).adapter_targets()
     hit = [t for t in targets if t.rsplit(".", 1)[-1] in EXCLUDED_TARGETS]
     if hit and getattr(model_config, "tie_word_embeddings", False):
         raise QbcoError(
             f"the adapter adapts {', '.join(hit)}, which is tied to the other embedding matrix; merging would "
             "change both. Retrain without it (--lora-targets all-linear excludes them)"
         )
-
-
-def to_fp32_compute(model) -> None:
-    """Compute in fp32 on the weights as trained. The base is loaded in the run's compute dtype, so its 4-bit
-    codes and scales are the ones training used; then 4-bit layers compute in fp32, dequantize to fp32 (in
-    their forward and in PreTrainedModel.dequantize alike: both follow quant_state.dtype or the input's dtype)
-    and every float tensor is widened, exactly. A run that computed in bf16 is the same model without bf16's
-    rounding of weights and activations."""
-    for module in model.modules():
-        if hasattr(module, "compute_dtype"):  # bitsandbytes Linear4bit
-            module.compute_dtype = torch.float32
-            module.weight.quant_state.dtype = torch.float32
-        for _, param in module.named_parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != torch.float32:  # 4-bit codes are uint8: untouched
-                param.data = param.data.float()  # in place on the Parameter: a tied head stays tied
-        for name, buf in module.named_buffers(recurse=False):
-            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
-                module._buffers[name] = buf.float()
 
 
 def load_trained(run_dir: Path, config: TrainConfig, device: torch.device):
@@ -183,7 +154,7 @@ def load_trained(run_dir: Path, config: TrainConfig, device: torch.device):
                      config.trust_remote_code)
     check_adapter(run_dir, base.config)
     to_fp32_compute(base)
-    model = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False)
+    model = PeftModel.from_pretrained(base, RunFolder(run_dir).adapter, is_trainable=False)
     model.eval()  # safe on the CPU: load_base switched bitsandbytes' repacking off (docs/pitfalls.md, 13)
     return model
 
@@ -197,7 +168,7 @@ def merge_exact(trained, run_dir: Path):
     base = trained.unload()
     if getattr(base, "hf_quantizer", None) is not None:
         base = base.dequantize(dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False).merge_and_unload()
+    merged = PeftModel.from_pretrained(base, RunFolder(run_dir).adapter, is_trainable=False).merge_and_unload()
     if getattr(merged.config, "tie_word_embeddings", False):
         head, embed = merged.get_output_embeddings(), merged.get_input_embeddings()
         if head is not None and head.weight is not embed.weight:
@@ -259,8 +230,6 @@ def _size(n: float) -> str:
 
 
 def merge_memory(hf_config, config: TrainConfig, candidates: tuple[str, ...], device: torch.device) -> MergeMemory:
-    from qbco.memory import estimate
-
     counts = estimate(hf_config, config, 4)
     params, linear = counts.base_params, counts.linear_params
     base = linear * NF4_BYTES + (params - linear) * 4 if config.load_in_4bit else params * 4
@@ -312,9 +281,10 @@ def folder_bytes(folder: Path) -> int:
 
 
 def model_card(run_dir: Path, output: Path, config: TrainConfig, result: MergeResult) -> str:
-    """README.md of the merged folder, from the run's config.yaml and metrics.jsonl and the merge's check."""
+    """README.md of the merged folder, from the run's config and metrics log and the merge's check."""
     hub = hub_id(config.model)
-    log = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else Metrics()
+    run = RunFolder(run_dir)
+    log = run.metrics() if run.metrics_file.is_file() else Metrics()
     last, ev = log.last_step, log.eval
     front = {"library_name": "transformers", "tags": ["qbco", "bco", "lora", "merged"]}
     if hub:
@@ -378,7 +348,7 @@ def _fmt(value) -> str:
 def check_merge_output(output: Path, run_dir: Path, overwrite: bool) -> None:
     """OUT must not be the run, and replacing it needs --overwrite and a folder that holds a model."""
     out, run = output.resolve(), run_dir.resolve()
-    if out == run or run.is_relative_to(out) or out.is_relative_to(run / "adapter"):
+    if out == run or run.is_relative_to(out) or out.is_relative_to(RunFolder(run).adapter):
         raise QbcoError(f"{output} would overwrite the run itself; choose another folder")
     if output.exists() and not output.is_dir():
         raise QbcoError(f"{output} exists and is not a folder")
@@ -416,29 +386,27 @@ def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap:
     folder next to `output` and renamed at the end: a failed check or an interrupted merge leaves no OUT.
     `progress` (the CLI's rich Progress, or None) shows the measuring of the trained model and of each dtype.
     """
-    from qbco.progress import Wait
-
     run_dir, output = Path(run_dir), Path(output)
     candidates = dtype_candidates(dtype)
     if not max_gap > 0:
         raise QbcoError(f"--max-gap must be > 0 nats per token (got {max_gap})")
     check_merge_output(output, run_dir, overwrite)
     device = merge_device(device)
-    config = read_run(run_dir)
+    config = RunFolder(run_dir).finished_config()
     path = resolve_model(config.model)
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers' import costs seconds: only where a merge runs
 
     try:
-        estimate = merge_memory(AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code), config,
+        memory = merge_memory(AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code), config,
                                 candidates, device)
     except (OSError, AttributeError, TypeError):  # an unreachable hub config (load_base says so) or not llama-style
-        estimate = None
-    if estimate is not None:
-        log(estimate.line())
-        if device.type == "cuda" and estimate.device_peak > torch.cuda.mem_get_info(device)[0]:
+        memory = None
+    if memory is not None:
+        log(memory.line())
+        if device.type == "cuda" and memory.device_peak > torch.cuda.mem_get_info(device)[0]:
             log(f"note: {device} has {_size(torch.cuda.mem_get_info(device)[0])} free; --device cpu merges in RAM")
 
-    tokenizer = load_tokenizer(str(run_dir / "adapter"))
+    tokenizer = load_tokenizer(str(RunFolder(run_dir).adapter))
     trained = load_trained(run_dir, config, device)
     rows, notes = held_out_rows(config, tokenizer, CHECK_ROWS)
     for note in notes:
@@ -477,5 +445,5 @@ def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap:
         info = {"run": str(run_dir.resolve()), "model": config.model, "base": "dequantized" if config.load_in_4bit else "float",
                 "dtype": result.dtype, "max_gap": max_gap, "gap": asdict(result.gap), "tried": [asdict(t) for t in tried],
                 "trust_remote_code": config.trust_remote_code}
-        (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        write_merge_info(tmp, info)
     return result

@@ -1,8 +1,10 @@
-"""The one path for log-probs: summed log pi(y_t | x, y_<t) over completion tokens, from hidden states.
+"""Log-probs for training and scoring: summed log pi(y_t | x, y_<t) over completion tokens, from hidden states.
 
-Policy, reference, evaluation and the benchmark all call `completion_logps`. It runs the decoder once,
-keeps the hidden states only at positions that predict a completion token, and applies the LM head to
-those in chunks, so full [batch, length, vocab] logits never exist (docs/pitfalls.md, 6).
+Policy, reference, evaluation, scoring and the benchmark all call `completion_logps`. It runs the decoder
+once, keeps the hidden states only at positions that predict a completion token, and applies the LM head to
+those in chunks, so full [batch, length, vocab] logits never exist (docs/pitfalls.md, 6). One path elsewhere
+computes log-probs on purpose without it: the merge's fidelity check (qbco.export.merge) reads the model's
+own forward, so that a mistake here cannot hide a mistake in a merged model.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from qbco.data import Encoded, batch_order, collate, iter_batches
-from qbco.errors import QbcoError
-from qbco.models import reference
+from qbco.common.errors import QbcoError
+from qbco.data.encoding import Encoded, batch_order, collate, iter_batches
+from qbco.model.lora import reference
+from qbco.model.memory import chunk_tokens
+from qbco.model.refcache import cached
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -213,9 +217,6 @@ class HeadLogps(torch.autograd.Function):
         return (grad * g.float().unsqueeze(-1)).to(ctx.dtype), None, None, None
 
 
-# Logits per LM-head chunk when the chunk is not given in tokens: 2^24 float32 logits are 64 MiB, about three
-# times that alive in a chunk's backward; 341 tokens with SmolLM2's 49,152-token vocabulary, 110 with Qwen2.5's.
-CHUNK_LOGITS = 2**24
 # What one more decoder call costs, in padded positions' worth: the Python work over every module and one more
 # dequantization of every 4-bit weight, per pass. Measured on SmolLM2 on one CPU thread: 0.3 s per call for
 # forward and backward, about 35 positions at 9 ms each; 64 errs on the side of fewer calls.
@@ -299,11 +300,6 @@ def sharded(model: torch.nn.Module) -> bool:
     return isinstance(causal_lm(model).get_decoder(), FSDPModule)
 
 
-def chunk_tokens(vocab_size: int) -> int:
-    """Completion tokens per LM-head chunk so that a chunk holds about CHUNK_LOGITS logits (16 at least)."""
-    return max(16, CHUNK_LOGITS // vocab_size)
-
-
 def _group_logps(model, input_ids, attention_mask, completion_mask, chunk: int) -> torch.Tensor:
     """completion_logps for rows sent to the decoder together.
 
@@ -338,7 +334,7 @@ def dataset_logps(model, encoded: list[Encoded], batch_size: int, pad_id: int, d
     `on_rows(done)`, when given, hears the number of rows done at the start and after every batch."""
     out = torch.zeros(len(encoded), dtype=torch.float32)
     was_training = model.training
-    model.eval()  # safe on 4-bit CPU layers: models.disable_cpu_repack keeps them differentiable
+    model.eval()  # safe on 4-bit CPU layers: loading.disable_cpu_repack keeps them differentiable
     done = 0
     with torch.no_grad():
         for batch in iter_batches(encoded, batch_size, pad_id):
@@ -356,18 +352,16 @@ def dataset_logps(model, encoded: list[Encoded], batch_size: int, pad_id: int, d
 def reference_logps(model, encoded, batch_size, pad_id, device, chunk, cache_key: str | None = None,
                     on_rows=None, parallel=None) -> torch.Tensor:
     """One no-grad pass of the reference (adapters disabled) over a dataset; every later step reuses it.
-    With a cache_key (qbco.refcache.cache_key) the result is read from, or written to, the disk cache, batch
+    With a cache_key (qbco.model.refcache.cache_key) the result is read from, or written to, the disk cache, batch
     by batch: an interrupted pass keeps its finished batches (refcache.ReferenceInterrupted says how many).
     `on_rows` hears the pass's progress as in dataset_logps; a result read from the cache needs no pass and
-    says nothing. With several processes (a qbco.distributed.Parallel) each computes its share of the rows,
+    says nothing. With several processes (a qbco.train.distributed.Parallel) each computes its share of the rows,
     every one gets all the values, and rank 0 alone reads or writes the cache (Parallel.reference_pass)."""
     if parallel is not None and parallel.world > 1:
         return parallel.reference_pass(model, encoded, batch_size, pad_id, device, chunk, cache_key, on_rows)
     if cache_key is None or not encoded:
         with reference(model):
             return dataset_logps(model, encoded, batch_size, pad_id, device, chunk, on_rows)
-    from qbco.refcache import cached
-
     done = 0  # rows computed by this pass (a rerun skips those the cache's parts hold)
 
     def compute(rows: list[int]) -> torch.Tensor:
@@ -380,7 +374,7 @@ def reference_logps(model, encoded, batch_size, pad_id, device, chunk, cache_key
         return value
 
     was_training = model.training
-    model.eval()  # as in dataset_logps: safe on 4-bit CPU layers (models.disable_cpu_repack)
+    model.eval()  # as in dataset_logps: safe on 4-bit CPU layers (loading.disable_cpu_repack)
     try:
         with reference(model):
             value = cached(cache_key, len(encoded), batch_order(encoded, batch_size), compute)

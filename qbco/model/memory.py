@@ -35,6 +35,16 @@ CPU_SHARE = 1 / 3
 CPU_LEAN_FACTOR = 2.5
 
 
+# Logits per LM-head chunk when the chunk is not given in tokens: 2^24 float32 logits are 64 MiB, about three
+# times that alive in a chunk's backward; 341 tokens with SmolLM2's 49,152-token vocabulary, 110 with Qwen2.5's.
+CHUNK_LOGITS = 2**24
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Completion tokens per LM-head chunk so that a chunk holds about CHUNK_LOGITS logits (16 at least)."""
+    return max(16, CHUNK_LOGITS // vocab_size)
+
+
 @dataclass
 class Estimate:
     base_params: int  # every parameter of the base
@@ -124,8 +134,6 @@ def estimate(hf_config, config, dtype_bytes: int, longest_row: int | None = None
     # in float32 (2 x hidden); each adapter's [r] down-projection in the adapters' float32; the attention's
     # log-sum-exp per head and the norms' 1/rms.
     per_position = (4 * inter + 4 * h + 2 * q) * dtype_bytes + 2 * h * 4 + adapted * config.lora_r * 4 + (heads + 2) * 4
-    from qbco.logprobs import chunk_tokens
-
     per_chunk = config.logprob_chunk or chunk_tokens(vocab)
     chunk = min(per_chunk, rows_per_call(config) * min(row, config.max_completion_length))
     return Estimate(

@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from qbco.models import cache_dir
+from qbco.common.files import DiskFull, disk_full
+from qbco.model.names import cache_dir
 
 LIBRARIES = ("torch", "transformers", "bitsandbytes")
 PART_SECONDS = 30.0  # a part every this many seconds of the pass: what a kill -9 can cost
@@ -128,9 +129,7 @@ def write_part(parts: Path, rows: list[int], value: torch.Tensor) -> None:
 
 def write_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """A safetensors file written beside and renamed: no reader ever sees half of one (a full disk is a
-    run_folder.DiskFull, one line)."""
-    from qbco.run_folder import DiskFull, disk_full
-
+    qbco.common.files.DiskFull, one line)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
     os.close(fd)

@@ -1,4 +1,4 @@
-"""Calibration of p(up): a Platt scale fit on held-out rows and stored in the run as calibration.json.
+"""Calibration of p(up): a Platt scale fit on held-out rows (the run folder stores it: qbco.run.folder).
 
 BCO trains sigmoid(r - delta) to be the probability of a thumbs-up; on rows it did not train on that
 probability is usually over- or under-confident. Platt scaling (Platt 1999) fits two numbers on held-out
@@ -7,20 +7,17 @@ rows, and every later p(up) is
     p_up = sigmoid(a * (r - delta) + b)
 
 a > 0 keeps the order of the rows (ROC-AUC, best-of-n and the 0.5 rule of r - delta are unchanged when b = 0).
-Pure functions of margins and labels; the model side is in qbco/score.py and qbco/evaluate.py.
+Pure functions of margins and labels; the model side is in qbco/eval/score.py and qbco/eval/evaluate.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
-FILE = "calibration.json"
+from qbco.reward import metrics
 
 
 @dataclass(frozen=True)
@@ -117,8 +114,6 @@ def fit_beats_identity(margins, labels, a: float, b: float) -> bool:
 def calibrate(margins, labels, fit_on: str) -> Calibration:
     """The Platt scale of these rows (margins r - delta, thumbs-up labels), or identity with the reason:
     no rows, one class only, or a fit that fails its check."""
-    from qbco.metrics import ece
-
     m = np.asarray(margins, dtype=np.float64)
     y = np.asarray(labels, dtype=bool)
     if len(m) == 0:
@@ -130,47 +125,23 @@ def calibrate(margins, labels, fit_on: str) -> Calibration:
         return identity(f"the Platt fit on {fit_on} did worse than identity on its own rows (a {a:.3g}, b {b:.3g})")
     raw, scaled = _sigmoid(m), _sigmoid(a * m + b)
     note = "a < 0: on these rows a higher reward means a thumbs-down is likelier" if a < 0 else None
-    return Calibration(a, b, "platt", fit_on, len(m), note, ece(raw, y), ece(scaled, y), _log_loss(raw, y), _log_loss(scaled, y))
+    return Calibration(a, b, "platt", fit_on, len(m), note, metrics.ece(raw, y), metrics.ece(scaled, y), _log_loss(raw, y), _log_loss(scaled, y))
 
 
 def figures(probs, labels) -> dict:
-    """ECE, log-loss, Brier score and reliability bins of calibrated p_up on labelled rows (qbco/metrics.py's
+    """ECE, log-loss, Brier score and reliability bins of calibrated p_up on labelled rows (qbco/reward/metrics.py's
     definitions, as for sigmoid(r - delta))."""
-    from qbco import metrics
-
     p, y = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=bool)
     return {"ece": metrics.ece(p, y), "log_loss": _log_loss(p, y), "brier": float(metrics.brier_score_loss(y, p, pos_label=True)),
             "reliability": metrics.reliability_bins(p, y)}
 
 
 def _log_loss(p: np.ndarray, y: np.ndarray) -> float:
-    from qbco import metrics
-
     return float(metrics.log_loss(y, p, labels=[False, True]))
 
 
-def save(run_dir: str | Path, calibration: Calibration) -> Path:
-    """RUN/calibration.json, written beside and renamed: a reader never sees half a file."""
-    path = Path(run_dir) / FILE
-    tmp = path.with_name(f".{FILE}.tmp")
-    tmp.write_text(json.dumps(calibration.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def load(run_dir: str | Path) -> Calibration:
-    """The run's calibration; identity, saying so, for a run without calibration.json (trained before qbco
-    fit one, or whose end was cut short)."""
-    path = Path(run_dir) / FILE
-    if not path.is_file():
-        return identity(f"no {FILE} in {run_dir}; `qbco eval {run_dir}` fits it on the held-out rows")
-    return Calibration.from_dict(json.loads(path.read_text(encoding="utf-8")))
-
-
-def calibrate_run(run_dir: str | Path, margins, labels, fit_on: str) -> Calibration:
-    """The end of training: the Platt scale of the held-out rows' r - delta, stored as RUN/calibration.json;
-    identity, saying so, when the run held out no rows."""
+def calibrate_held_out(margins, labels, fit_on: str) -> Calibration:
+    """The end of training: the Platt scale of the held-out rows' r - delta (the run folder stores it); identity,
+    saying so, when the run held out no rows."""
     m = np.asarray(margins, dtype=np.float64)
-    calibration = calibrate(m, labels, fit_on) if len(m) else identity("the run held out no rows (eval_fraction 0)")
-    save(run_dir, calibration)
-    return calibration
+    return calibrate(m, labels, fit_on) if len(m) else identity("the run held out no rows (eval_fraction 0)")

@@ -1,6 +1,6 @@
 """Evaluation figures as pure functions of rewards, labels and delta: classification and calibration of
 p(up) = sigmoid(r - delta), preference pairs, drift from the reference, and slices. No model here:
-qbco/evaluate.py computes the inputs; the losses come from qbco/loss.py, never a second copy."""
+qbco/eval/evaluate.py computes the inputs; the losses come from qbco/reward/loss.py, never a second copy."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from qbco.errors import QbcoError
+from qbco.common.errors import QbcoError
 
 try:
     from scipy.special import expit
@@ -26,7 +26,7 @@ try:
 except ImportError:  # a dependency of qbco; a broken install gets one line
     raise QbcoError("qbco needs scikit-learn for its figures and calibration: pip install scikit-learn") from None
 
-from qbco.loss import bco_loss, dpo_loss, implicit_rewards
+from qbco.reward.loss import bco_loss, dpo_loss, implicit_rewards
 
 N_BINS = 10
 

@@ -3,7 +3,7 @@
 An objective is built from the config and the training rows (`build_objective`). It says what one unit of
 the step order is (a row, or a chosen/rejected pair of rows), what each optimizer step's window divides by
 (`window`), the loss of one micro-batch given that window (`loss`), and what it adds to the step's record
-(`record`). The arithmetic itself lives in qbco/loss.py as pure functions; each class here only feeds them.
+(`record`). The arithmetic itself lives in qbco/reward/loss.py as pure functions; each class here only feeds them.
 
 Adding a loss: one class, one line in OBJECTIVES, and its tests.
 """
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from qbco.data import Example, prompt_pairs
-from qbco.errors import QbcoError
-from qbco.loss import LossOutput, bco_loss, dpo_loss, kto_loss, sft_loss
+from qbco.common.errors import QbcoError
+from qbco.data.feedback import Example, prompt_pairs
+from qbco.reward.loss import LossOutput, bco_loss, dpo_loss, kto_loss, sft_loss
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Objective:
     pairs = False  # the step unit: a row (False) or a (chosen, rejected) pair of rows
     shifts = False  # reads the reward shift delta, which the loop updates once after every step
     needs_mismatched = False  # KTO: the micro-batch carries mismatched-pair log-probs
-    logged: tuple[str, ...] = ()  # fields of its LossOutput that a step's line in metrics.jsonl carries (window means)
+    logged: tuple[str, ...] = ()  # fields of its LossOutput that a step's line in the metrics log carries (window means)
     # The config settings, beyond those every loss reads, that this one reads; giving another loss's setting
     # is an error (config.check_settings_used), never a silent no-op.
     settings: frozenset[str] = frozenset({"balance"})
@@ -106,15 +106,24 @@ class Objective:
     def record(self, outputs: list[LossOutput], total=float) -> dict:
         """What this objective adds to the step's record: each `logged` field, averaged over the micro-batches;
         with --sft-weight the window's per-token NLL of its thumbs-up rows (`sft_nll`, nats per token). `total`
-        adds a rank's share to the other ranks' (several processes: qbco.distributed's sum)."""
+        adds a rank's share to the other ranks' (several processes: qbco.train.distributed's sum)."""
         record = {key: sum(float(getattr(o, key)) for o in outputs) / len(outputs) for key in self.logged}
         if self.sft_weight:
             record["sft_nll"] = total(sum(float(o.sft_nll) for o in outputs))  # each micro-batch's share of the window's mean
         return record
 
 
-class BCO(Objective):
-    """arXiv 2404.04656: per-class means of -log sigmoid(+-(r - delta)), delta the reward shift (loss.bco_loss)."""
+class BCE(Objective):
+    """Per-class means of -log sigmoid(+-(r - delta)) (loss.bco_loss) with delta fixed at 0: the window's delta is
+    0 for an objective that does not shift."""
+
+    def loss(self, batch: MicroBatch, window: Window) -> LossOutput:
+        out = bco_loss(batch.policy, batch.reference, batch.labels, window.delta, self.beta, window.n_up, window.n_down)
+        return self.with_sft(out, batch, window)
+
+
+class BCO(BCE):
+    """arXiv 2404.04656: BCE with the reward shift delta (Eq. 7), which the loop updates once after every step."""
 
     shifts = True
     settings = frozenset({"balance", "ema_decay", "allow_one_class"})
@@ -125,18 +134,6 @@ class BCO(Objective):
             only = "thumbs-up" if self.share_up else "thumbs-down"
             raise QbcoError(f"{config.data}: every training row is {only}; BCO's delta needs both classes "
                             "(--allow-one-class trains anyway)")
-
-    def loss(self, batch: MicroBatch, window: Window) -> LossOutput:
-        out = bco_loss(batch.policy, batch.reference, batch.labels, window.delta, self.beta, window.n_up, window.n_down)
-        return self.with_sft(out, batch, window)
-
-
-class BCE(Objective):
-    """BCO with delta fixed at 0 (the window's delta is 0 for an objective that does not shift)."""
-
-    def loss(self, batch: MicroBatch, window: Window) -> LossOutput:
-        out = bco_loss(batch.policy, batch.reference, batch.labels, window.delta, self.beta, window.n_up, window.n_down)
-        return self.with_sft(out, batch, window)
 
 
 class KTO(Objective):

@@ -1,67 +1,97 @@
-"""The one typed training config: recipes (YAML) and CLI flags both map onto `TrainConfig` field by field."""
+"""The one typed training config: recipes (YAML) and CLI flags both map onto `TrainConfig` field by field. Each
+field carries its flag's help (`setting`), so a setting is declared once: the command line builds its flags
+from these fields (qbco.cli.flags). Imports no torch: `qbco --help` reads it."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from qbco.errors import QbcoError
+from qbco.common.errors import QbcoError
+from qbco.common.files import write_text
+from qbco.model.names import MODEL_ALIASES
 
-RECIPES = Path(__file__).with_name("recipes")  # in the package, so that `pip install qbco` has them
 BALANCES = ("none", "oversample", "weight")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 CHECKPOINTING = ("auto", "on", "off")
 
 
+def setting(default: Any, help: str, *, flag: str | None = None, default_text: str | None = None) -> Any:
+    """A TrainConfig field with what its command-line flag says: `help`, the flag's spelling when it is not
+    --field-name (`flag`, e.g. "--4bit/--no-4bit"), and `default_text` when the default needs words."""
+    return field(default=default, metadata={"help": help, "flag": flag, "default_text": default_text})
+
+
 @dataclass
 class TrainConfig:
-    """Everything a run needs. The defaults are the embedded demo: `qbco train` with no flags."""
+    """Everything a run needs. The defaults are the embedded demo's model and data: `qbco train` with no flags
+    (which also applies the demo's shipped recipe: choose_recipe)."""
 
-    model: str = "smollm2-135m"
-    data: str = "demo"
-    output: str | None = None  # None: runs/<model>-<data>-<timestamp>
-    loss: str = "bco"  # a name in qbco.objectives.OBJECTIVES: bco (reward shift, Eq. 7), bce (delta 0), kto, dpo
-    balance: str = "none"  # none | oversample (repeat minority-class rows) | weight (dataset-share class weights)
-    beta: float = 0.1
-    sft_weight: float = 0.0  # weight of the per-token NLL of thumbs-up completions added to the loss (loss.sft_loss); 0: the paper's loss
-    lr: float = 3e-4
-    epochs: float = 1.0
-    max_steps: int | None = None  # caps the number of optimizer steps; None: run all epochs
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_prompt_length: int = 256
-    max_completion_length: int = 128
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: str = "all-linear"  # "all-linear" or a comma-separated list of module names
-    eval_fraction: float | None = None  # None: the data's own held-out part, else 0.1
-    ema_decay: float = 0.9
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    load_in_4bit: bool = True
-    dtype: str = "auto"  # compute dtype; auto: bf16 on CUDA where native, else fp16 (loss-scaled); fp32 on CPU
-    # auto: every k-th decoder layer, k the fewest checkpointed layers whose memory estimate fits memory_budget;
-    # on: every layer; off: none. A recipe's true / false (YAML's on / off) mean on / off.
-    gradient_checkpointing: str = "auto"
-    memory_budget: float | None = None  # GiB for auto; None: free CUDA memory less a margin, on a CPU a share of the RAM
-    logprob_chunk: int | None = None  # completion tokens per LM-head chunk; None: 2^24 logits' worth (logprobs.CHUNK_LOGITS)
-    save_every: int = 50  # optimizer steps between checkpoints (one is always written at the end)
-    keep: int = 2  # checkpoints kept
-    allow_one_class: bool = False  # train on data with one class only (BCO's delta then tracks that class alone)
-    trust_remote_code: bool = False  # run a hub model's own Python code
-    fsdp: bool = False  # under a launcher: shard the decoder layers with FSDP2 instead of DDP's copy per rank
+    model: str = setting("smollm2-135m", "Model: smollm2-135m (offline), qwen2.5-3b, qwen2.5-7b, llama-3.2-3b, "
+                         "llama-3.1-8b, a local folder or a hub id.")
+    data: str = setting("demo", "Feedback: 'demo' (bundled), a registered name (qbco datasets) or a "
+                        ".jsonl/.json/.csv/.tsv/.parquet file with prompt, completion, label.")
+    output: str | None = setting(None, "Run folder.", default_text="runs/<model>-<data>-<timestamp>")
+    loss: str = setting("bco", "bco (reward shift delta, Eq. 7), bce (delta fixed at 0), kto (Ethayarajh et al. "
+                        "2024) or dpo (pairs of rows sharing a prompt).")
+    balance: str = setting("none", "Class imbalance: none (BCO's per-class means already weigh both classes "
+                           "equally), oversample (repeat minority-class rows, as the paper did for HelpSteer2) or "
+                           "weight (class weights from the dataset's shares; see docs/data.md).")
+    beta: float = setting(0.1, "Reward scale beta in r = beta * log(pi/pi_ref).")
+    sft_weight: float = setting(0.0, "Add this times the per-token NLL of the thumbs-up completions to the loss "
+                                "(loss.sft_loss), so that good answers gain likelihood (RPO; docs/results.md). 0 is "
+                                "the paper's loss.")
+    lr: float = setting(3e-4, "Peak learning rate of the LoRA weights (AdamW).")
+    epochs: float = setting(1.0, "Passes over the training rows (fractions allowed).")
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps.", default_text="all epochs")
+    batch_size: int = setting(8, "Rows per micro-batch.")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.")
+    max_prompt_length: int = setting(256, "Prompt tokens kept (the earliest turns go first).")
+    max_completion_length: int = setting(128, "Completion tokens kept (cut from the right).")
+    lora_r: int = setting(16, "LoRA rank.")
+    lora_alpha: int = setting(32, "LoRA alpha (scale alpha/r).")
+    lora_dropout: float = setting(0.0, "LoRA dropout.")
+    lora_targets: str = setting("all-linear", "'all-linear' (every decoder linear layer) or names like q_proj,v_proj.")
+    eval_fraction: float | None = setting(None, "Share of rows held out, split by prompt.",
+                                          default_text="the data's own held-out part, else 0.1")
+    ema_decay: float = setting(0.9, "Decay of the per-class reward means behind delta.")
+    warmup_ratio: float = setting(0.1, "Share of steps of linear learning-rate warm-up.")
+    weight_decay: float = setting(0.0, "AdamW weight decay of the LoRA weights.")
+    max_grad_norm: float = setting(1.0, "Gradient norm clip per optimizer step.")
+    seed: int = setting(0, "Seed for LoRA init, data order and splits.")
+    load_in_4bit: bool = setting(True, "Base in 4-bit NF4 (double quantization) or plain float.", flag="--4bit/--no-4bit",
+                                 default_text="4bit")
+    dtype: str = setting("auto", "Compute dtype: auto (bf16 on a GPU with native bf16, A100 / RTX 30xx and newer; fp16 "
+                         "with loss scaling on older ones, T4 / V100; fp32 on CPU), bf16, fp16 (always with loss "
+                         "scaling), fp32.")
+    gradient_checkpointing: str = setting(
+        "auto", "Recompute activations in backward: auto (every k-th decoder layer, k chosen from the memory estimate "
+        "against --memory-budget: as few as fit), on (every layer, the least memory), off. A recipe's true / false "
+        "(YAML's on / off) mean on / off.")
+    memory_budget: float | None = setting(
+        None, "GiB that --gradient-checkpointing auto plans for.",
+        default_text="the free GPU memory less 10% of the card; on a CPU a third of the available RAM, at most 2.5x "
+                     "the estimate with every layer checkpointed")
+    logprob_chunk: int | None = setting(None, "Completion tokens per LM-head chunk: bounds the logits memory.",
+                                        default_text="2^24 logits' worth, 341 tokens for a 49,152-token vocabulary")
+    save_every: int = setting(50, "Optimizer steps between checkpoints; one is always written at the end and on Ctrl-C.")
+    keep: int = setting(2, "Checkpoints kept in RUN/checkpoints.")
+    allow_one_class: bool = setting(False, "Train BCO on data that holds only thumbs-up or only thumbs-down rows.",
+                                    flag="--allow-one-class", default_text="refuse")
+    trust_remote_code: bool = setting(False, "Run the Python code a hub model ships.", flag="--trust-remote-code",
+                                      default_text="off")
+    fsdp: bool = setting(False, "Under torchrun or accelerate launch: shard the decoder layers over the processes with "
+                         "FSDP2 (for a base too big for one GPU) instead of a copy per process (DDP). See "
+                         "docs/distributed.md.", flag="--fsdp", default_text="DDP")
 
     def validate(self) -> "TrainConfig":
-        from qbco.objectives import OBJECTIVES
+        from qbco.reward.objectives import OBJECTIVES  # here, not above: it imports torch, and --help reads this module
 
         checks = [
             (self.beta > 0, f"beta must be > 0 (got {self.beta})"),
@@ -109,8 +139,8 @@ class TrainConfig:
 
 def check_settings_used(config: TrainConfig, given=()) -> None:
     """A setting the chosen loss never reads is an error, not a silent no-op: given as a flag (`given`), or
-    set away from its default (a recipe). Which loss reads what is said on the objectives (qbco/objectives.py)."""
-    from qbco.objectives import OBJECTIVES
+    set away from its default (a recipe). Which loss reads what is said on the objectives (qbco/reward/objectives.py)."""
+    from qbco.reward.objectives import OBJECTIVES  # here, not above: it imports torch, and --help reads this module
 
     defaults = TrainConfig()
     for name in OBJECTIVES[config.loss].unused_settings():
@@ -136,7 +166,13 @@ def _check_keys(keys, where: str) -> None:
 
 def shipped_recipes() -> dict[str, Path]:
     """The recipes that come with qbco, by name (file stem)."""
-    return {p.stem: p for p in sorted(RECIPES.glob("*.yaml"))}
+    return {p.stem: p for p in sorted(recipes_folder().glob("*.yaml"))}
+
+
+def recipes_folder() -> Path:
+    """The shipped recipes: recipes/ at the top of the source tree, mapped into the wheel as qbco.recipes
+    (pyproject.toml), so a clone and `pip install qbco` find the same files."""
+    return Path(str(resources.files("qbco.recipes")))
 
 
 def choose_recipe(recipe: str | None, model: str | None, data: str | None) -> tuple[Path | None, str | None]:
@@ -164,8 +200,6 @@ def choose_recipe(recipe: str | None, model: str | None, data: str | None) -> tu
 
 def _same_model(a: str | None, b: str) -> bool:
     """One model by its alias or its hub id (qwen2.5-3b is Qwen/Qwen2.5-3B-Instruct)."""
-    from qbco.models import MODEL_ALIASES
-
     return a is not None and MODEL_ALIASES.get(a, a).lower() == MODEL_ALIASES.get(b, b).lower()
 
 
@@ -190,7 +224,7 @@ def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainCon
     """Defaults, then the recipe's values, then every override that is not None (CLI flags given)."""
     values: dict[str, Any] = read_recipe(recipe) if recipe else {}
     if recipe and values.get("output") and Path(values["output"]).resolve() == Path(recipe).resolve().parent:
-        del values["output"]  # RUN/config.yaml of an older run names RUN itself: a rerun makes a new run folder
+        del values["output"]  # an older run's own config names the run itself: a rerun makes a new run folder
     given = {k: v for k, v in overrides.items() if v is not None}
     _check_keys(given, "config")
     values.update(given)
@@ -198,13 +232,13 @@ def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainCon
         config = TrainConfig(**values)
     except TypeError as err:
         raise QbcoError(f"config: {err}") from None
-    _coerce_types(config)
+    coerce_types(config)
     config.validate()
     check_settings_used(config, given)
     return config
 
 
-def _coerce_types(config: TrainConfig) -> None:
+def coerce_types(config: TrainConfig) -> None:
     """YAML gives ints where floats are meant (lr: 1 is fine) and strings like '1e-4'; make them the field's type."""
     if isinstance(config.gradient_checkpointing, bool):  # recipes and run configs from before auto, YAML's on / off
         config.gradient_checkpointing = "on" if config.gradient_checkpointing else "off"
@@ -227,41 +261,28 @@ def _coerce_types(config: TrainConfig) -> None:
 
 
 def save_config(config: TrainConfig, path: str | Path, notes: list[str] = ()) -> None:
-    """RUN/config.yaml: every setting but the output folder (the run is the folder the file is in, and a rerun
-    with --recipe RUN/config.yaml must make a new run, not collide with this one), after `notes` as comments
-    (the overrides of each --resume). Written beside and renamed."""
-    path = Path(path)
+    """A run's config file (qbco.run.folder names it): every setting but the output folder (the run is the folder
+    the file is in, and a rerun with --recipe of this file must make a new run, not collide with this one), after
+    `notes` as comments (the overrides of each --resume). Written beside and renamed."""
     values = {**config.to_dict(), "output": None}
     header = "".join(f"# {note}\n" for note in notes)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def config_notes(path: str | Path) -> list[str]:
-    """The comment lines save_config wrote at the top of a config.yaml."""
-    notes = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.startswith("# "):
-            break
-        notes.append(line[2:])
-    return notes
+    write_text(Path(path), header + yaml.safe_dump(values, sort_keys=False))
 
 
 def load_run_config(path: str | Path) -> TrainConfig:
-    """The config of a run (its config.yaml), as a TrainConfig: as it ran, so a setting its loss does not use
-    (which an older qbco let through, and which did nothing) is no error here."""
+    """The config of a run (the file save_config wrote), as a TrainConfig: as it ran, so a setting its loss does
+    not use (which an older qbco let through, and which did nothing) is no error here."""
     values = read_recipe(path)
-    values.pop("output", None)  # the run is the folder config.yaml is in (older runs wrote it here)
+    values.pop("output", None)  # the run is the folder the file is in (older runs wrote it here)
     try:
         config = TrainConfig(**values)
     except TypeError as err:
         raise QbcoError(f"{path}: {err}") from None
-    _coerce_types(config)
+    coerce_types(config)
     return config.validate()
 
 
-# What `qbco train --resume RUN` may change; every other setting is fixed by the run's config.yaml (the data
+# What `qbco train --resume RUN` may change; every other setting is fixed by the run's saved config (the data
 # order, the model and the loss would no longer be those the checkpoint continues). Checkpointing fewer or more
 # layers changes memory and time, not the losses (tests/test_checkpointing.py), so a run stopped out of memory
 # can follow the advice (--memory-budget, --gradient-checkpointing) and resume.
@@ -270,26 +291,6 @@ RESUME_OVERRIDES = ("lr", "max_steps", "epochs", "save_every", "keep", "memory_b
 
 def resume_overrides_help() -> str:
     return ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_OVERRIDES) + ", --quiet"
-
-
-def resume_config(run: str | Path, **overrides: Any) -> TrainConfig:
-    """The config a resumed run continues with: RUN/config.yaml, then each override given (not None), which
-    must be one of RESUME_OVERRIDES. qbco.prepare records what changed in config.yaml when the run restarts."""
-    path = Path(run) / "config.yaml"
-    if not path.is_file():
-        raise QbcoError(f"--resume {run}: no qbco run there (config.yaml missing)")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    for name in given:
-        if name not in RESUME_OVERRIDES:
-            raise QbcoError(f"--resume continues a run with its own config.yaml; --{name.replace('_', '-')} cannot "
-                            f"change (flags allowed with --resume: {resume_overrides_help()})")
-    saved = load_run_config(path)
-    try:
-        config = TrainConfig(**{**saved.to_dict(), **given})
-    except TypeError as err:
-        raise QbcoError(f"config: {err}") from None
-    _coerce_types(config)
-    return config.validate()
 
 
 def changed_settings(before: TrainConfig, after: TrainConfig) -> dict[str, tuple[Any, Any]]:

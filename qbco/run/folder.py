@@ -1,19 +1,254 @@
-"""The run folder: where a run goes, what refuses to be overwritten, and the files written at its end."""
+"""The run folder: the one contract between train, eval, score, generate and merge. Every file of a run is named
+here, and every command reads a run through here; no other module spells a run's file names.
+
+    RUN/
+      config.yaml          the resolved TrainConfig (a rerun: qbco train --recipe RUN/config.yaml)
+      metrics.jsonl        one line per optimizer step, then one held-out line (qbco.run.metrics_log)
+      adapter/             peft weights and config, the tokenizer, reward_shift.json: a finished run has it
+      calibration.json     the Platt scale of p_up (qbco.reward.calibration)
+      checkpoints/step-N/  adapter weights, state.pt (optimizer, scheduler, RNG), state.json (step, shift, inputs)
+      eval/, eval-NAME/    qbco eval's figures on the held-out rows, or on --data NAME
+      metrics.png          qbco plot's curves
+
+A folder written by `qbco merge` holds qbco_merge.json, which names the run it came from and its base.
+"""
 
 from __future__ import annotations
 
-import errno
 import json
-import os
+import re
 import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from qbco.config import TrainConfig
-from qbco.errors import QbcoError
-from qbco.shift import RewardShift
+import torch
+
+from qbco.common.errors import QbcoError
+from qbco.common.files import atomic_folder, write_text
+from qbco.model.device import compute_dtype, default_device
+from qbco.model.fused_lora import fuse_lora
+from qbco.model.loading import load_base, load_tokenizer
+from qbco.model.names import resolve_model
+from qbco.reward.calibration import Calibration, identity
+from qbco.reward.shift import RewardShift
+from qbco.run.config import (
+    RESUME_OVERRIDES,
+    TrainConfig,
+    changed_settings,
+    coerce_types,
+    load_run_config,
+    resume_overrides_help,
+    save_config,
+)
+from qbco.run.metrics_log import Metrics, MetricsWriter, keep_steps, read_metrics
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+ADAPTER = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's names, inside adapter/ and every checkpoint
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+REWARD_SHIFT = "reward_shift.json"
+CALIBRATION = "calibration.json"
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+STATE_PT = "state.pt"
+STATE_JSON = "state.json"
+EVAL = "eval"
+EVAL_FIGURES = "metrics.json"  # in eval/: which rows the figures are of
+PLOT = "metrics.png"
+MERGE_INFO = "qbco_merge.json"
+
+
+class RunFolder:
+    """One run's folder: its files by name, and what reading them means."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def adapter(self) -> Path:
+        """adapter/: what `PeftModel.from_pretrained` and `AutoTokenizer.from_pretrained` read."""
+        return self.path / ADAPTER
+
+    @property
+    def calibration_file(self) -> Path:
+        return self.path / CALIBRATION
+
+    @property
+    def plot_file(self) -> Path:
+        return self.path / PLOT
+
+    @property
+    def checkpoints_folder(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    # ------------------------------------------------------------ what the folder holds
+
+    def holds_run(self) -> bool:
+        """A run was started here (its config is written first, before any step)."""
+        return self.config_file.is_file()
+
+    def is_finished(self) -> bool:
+        """A run that finished: its config and its final adapter."""
+        return self.holds_run() and (self.adapter / ADAPTER_CONFIG).is_file()
+
+    def finished_config(self) -> TrainConfig:
+        """The config of a finished run; the one error every command gives for a folder that is not one."""
+        if not self.is_finished():
+            raise QbcoError(f"{self.path} is not a finished qbco run (needs {CONFIG} and {ADAPTER}/)")
+        return self.config()
+
+    def config(self) -> TrainConfig:
+        """The run's config, as it ran."""
+        if not self.holds_run():
+            raise QbcoError(f"{self.path}: no qbco run there ({CONFIG} missing)")
+        return load_run_config(self.config_file)
+
+    def save_config(self, config: TrainConfig, notes: list[str] = ()) -> None:
+        save_config(config, self.config_file, notes)
+
+    def config_notes(self) -> list[str]:
+        """The comment lines at the top of the run's config: what each --resume changed."""
+        notes = []
+        for line in self.config_file.read_text(encoding="utf-8").splitlines():
+            if not line.startswith("# "):
+                break
+            notes.append(line[2:])
+        return notes
+
+    def delta(self, config: TrainConfig) -> float:
+        """The delta of p(up) = sigmoid(r - delta): the run's final reward shift for bco, 0 otherwise (bce)."""
+        if config.loss != "bco":
+            return 0.0
+        path = self.adapter / REWARD_SHIFT
+        if not path.is_file():
+            raise QbcoError(f"{path} is missing: a bco run saves its reward shift there; without it p(up) is unknown")
+        shift = RewardShift()
+        shift.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
+        return shift.delta
+
+    def calibration(self) -> Calibration:
+        """The run's calibration; identity, saying so, for a run without one (trained before qbco fit one, or
+        whose end was cut short)."""
+        if not self.calibration_file.is_file():
+            return identity(f"no {CALIBRATION} in {self.path}; `qbco eval {self.path}` fits it on the held-out rows")
+        return Calibration.from_dict(json.loads(self.calibration_file.read_text(encoding="utf-8")))
+
+    def save_calibration(self, calibration: Calibration) -> Path:
+        return write_text(self.calibration_file, json.dumps(calibration.to_dict(), indent=2, allow_nan=False) + "\n")
+
+    def metrics(self) -> Metrics:
+        """The records of the run's metrics log (qbco.run.metrics_log); a missing log is an error that says so."""
+        if not self.metrics_file.is_file():
+            raise QbcoError(f"{self.metrics_file} not found: is {self.path} a qbco run folder?")
+        return read_metrics(self.metrics_file)
+
+    def metrics_writer(self) -> MetricsWriter:
+        return MetricsWriter(self.metrics_file)
+
+    def keep_steps(self, step: int) -> None:
+        """Before a resumed run appends to its log: the step records up to `step`, nothing after."""
+        keep_steps(self.metrics_file, step)
+
+    def adapter_targets(self) -> list[str]:
+        """The module names the run's adapter adapts (its peft config's target_modules)."""
+        adapter = json.loads((self.adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        targets = adapter.get("target_modules") or []
+        return [targets] if isinstance(targets, str) else list(targets)
+
+    def save_adapter(self, model, tokenizer, shift: RewardShift, state_dict: dict | None = None) -> None:
+        """adapter/: peft weights and config, the tokenizer, and the reward-shift state, published whole.
+        `state_dict`: the LoRA tensors when the model holds only shards of them (FSDP)."""
+        with atomic_folder(self.adapter) as tmp:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            (tmp / REWARD_SHIFT).write_text(json.dumps(shift.state_dict()), encoding="utf-8")
+
+    def eval_folder(self, data: str | None, described: str) -> Path:
+        """eval/ for the run's own held-out rows; eval-NAME/ for --data NAME or FILE (NAME-2, -3, ... when that
+        name already holds the figures of other rows), so no evaluation writes over another."""
+        if data is None:
+            return self.path / EVAL
+        name = Path(data).expanduser().stem if Path(data).expanduser().is_file() else data
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "data"
+        folder, n = self.path / f"{EVAL}-{slug}", 1
+        while (folder / EVAL_FIGURES).is_file() and \
+                json.loads((folder / EVAL_FIGURES).read_text(encoding="utf-8")).get("data") != described:
+            n += 1
+            folder = self.path / f"{EVAL}-{slug}-{n}"
+        return folder
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a temporary folder left by a crash never matches the prefix)."""
+        folder = self.checkpoints_folder
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_JSON).is_file())
+
+    def checkpoint_folder(self, step: int) -> Path:
+        return self.checkpoints_folder / f"{CHECKPOINT_PREFIX}{step:08d}"
+
+    def remove_leftovers(self) -> None:
+        """What a run killed while writing a checkpoint left: a half-written temporary folder (removed), or a
+        checkpoint moved aside to be replaced (atomic_folder's .NAME.old-PID: put back if nothing replaced it)."""
+        folder = self.checkpoints_folder
+        for tmp in sorted(folder.glob(".*.partial-*")) if folder.is_dir() else []:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in sorted(folder.glob(f".{CHECKPOINT_PREFIX}*.old-*")) if folder.is_dir() else []:
+            name = folder / old.name[1:].rsplit(".old-", 1)[0]
+            if name.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.rename(name)
+
+    # ------------------------------------------------------------ a new run's folder
+
+    def never_started(self, config: TrainConfig) -> bool:
+        """The folder holds the run `config` describes, and it took no step: no checkpoint, no step in its log."""
+        if any(self.checkpoints_folder.glob(f"{CHECKPOINT_PREFIX}*")):
+            return False
+        if self.metrics_file.is_file() and self.metrics_file.read_text(encoding="utf-8").strip():
+            return False
+        try:
+            return not changed_settings(load_run_config(self.config_file), config)
+        except QbcoError:  # a config that no longer reads is not this run
+            return False
+
+    def check_new(self, overwrite: bool, config: TrainConfig | None = None) -> None:
+        """A new run goes into a missing or empty folder; one that holds a run needs --overwrite (or --resume),
+        unless it is this very run, stopped before its first step (in the reference pass): the same command
+        starts it again, and the reference log-probs cached so far are reused."""
+        out = self.path
+        if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+            return
+        if not out.is_dir():
+            raise QbcoError(f"--output {out} is a file; choose a folder")
+        if not self.holds_run():
+            raise QbcoError(f"--output {out} is not empty and holds no qbco run; choose another folder")
+        if not overwrite and not (config is not None and self.never_started(config)):
+            raise QbcoError(f"--output {out} already holds a run; continue it with --resume {out} or replace it with --overwrite")
+
+    def publish(self, config: TrainConfig) -> None:
+        """The run folder, with the resolved config; one already there holds a run that --overwrite replaces (or
+        the same run, never started, that the same command starts again: check_new let only those through)."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        self.save_config(config)
 
 
 def default_output(config: TrainConfig) -> Path:
@@ -28,107 +263,76 @@ def default_output(config: TrainConfig) -> Path:
     return out
 
 
-def check_run_folder(out: Path, overwrite: bool, config: TrainConfig | None = None) -> None:
-    """A new run goes into a missing or empty folder; one that holds a run needs --overwrite (or --resume),
-    unless it is this very run, stopped before its first step (in the reference pass): the same command
-    starts it again, and the reference log-probs cached so far are reused."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    if not out.is_dir():
-        raise QbcoError(f"--output {out} is a file; choose a folder")
-    if not (out / "config.yaml").is_file():
-        raise QbcoError(f"--output {out} is not empty and holds no qbco run; choose another folder")
-    if not overwrite and not (config is not None and never_started(out, config)):
-        raise QbcoError(f"--output {out} already holds a run; continue it with --resume {out} or replace it with --overwrite")
-
-
-def never_started(out: Path, config: TrainConfig) -> bool:
-    """`out` holds the run `config` describes, and it took no step: no checkpoint, no step in its log."""
-    from qbco.config import changed_settings, load_run_config
-
-    metrics = out / "metrics.jsonl"
-    if any((out / "checkpoints").glob("step-*")) or (metrics.is_file() and metrics.read_text(encoding="utf-8").strip()):
-        return False
+def resume_config(run: str | Path, **overrides: Any) -> TrainConfig:
+    """The config a resumed run continues with: the run's own, then each override given (not None), which must
+    be one of config.RESUME_OVERRIDES. qbco.train.prepare records what changed in the run's config when the
+    run restarts."""
+    folder = RunFolder(run)
+    if not folder.holds_run():
+        raise QbcoError(f"--resume {run}: no qbco run there ({CONFIG} missing)")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for name in given:
+        if name not in RESUME_OVERRIDES:
+            raise QbcoError(f"--resume continues a run with its own {CONFIG}; --{name.replace('_', '-')} cannot "
+                            f"change (flags allowed with --resume: {resume_overrides_help()})")
+    saved = folder.config()
     try:
-        return not changed_settings(load_run_config(out / "config.yaml"), config)
-    except QbcoError:  # a config.yaml that no longer reads is not this run
-        return False
+        config = TrainConfig(**{**saved.to_dict(), **given})
+    except TypeError as err:
+        raise QbcoError(f"config: {err}") from None
+    coerce_types(config)
+    return config.validate()
 
 
-def save_adapter(model, tokenizer, folder: Path, shift: RewardShift, state_dict: dict | None = None) -> None:
-    """adapter/: peft weights and config, the tokenizer, and the reward-shift state, published whole.
-    `state_dict`: the LoRA tensors when the model holds only shards of them (FSDP)."""
-    with atomic_folder(folder) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "reward_shift.json").write_text(json.dumps(shift.state_dict()), encoding="utf-8")
+def load_run(run_dir: str | Path, device: torch.device | None = None):
+    """(config, tokenizer, PeftModel) of a finished run: the base loaded as it was trained (4-bit or not), the
+    run's adapter on top, in eval mode. What eval, score and generate answer and score with."""
+    from peft import PeftModel  # peft's import costs a second; only the commands that load a run pay it
+
+    folder = RunFolder(run_dir)
+    config = folder.finished_config()
+    device = device or default_device()
+    tokenizer = load_tokenizer(str(folder.adapter))
+    base = load_base(resolve_model(config.model), config.load_in_4bit, compute_dtype(config.dtype, device), device,
+                     config.trust_remote_code)
+    model = PeftModel.from_pretrained(base, folder.adapter, is_trainable=False)
+    fuse_lora(model)
+    model.eval()
+    return config, tokenizer, model
 
 
-class DiskFull(QbcoError):
-    """A write into an atomic folder failed because its disk (or quota) is full; nothing was published."""
-
-    def __init__(self, target: Path, free: int):
-        super().__init__(f"the disk is full: writing {target} failed with {free >> 20} MiB free there; nothing was "
-                         f"written under that name and what was there before is intact. Free some space and run again")
-        self.target, self.free = target, free
+# ------------------------------------------------------------ a checkpoint's files
 
 
-# Below this much free space, a write that failed is taken for a full disk: torch.save reports ENOSPC as a
-# RuntimeError that carries no errno ("PytorchStreamWriter failed writing file ..." / "unexpected pos").
-FULL_MARGIN = 16 << 20
-FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-FULL_MESSAGES = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
+def write_checkpoint_files(tmp: Path, model, adapter: dict | None, state: dict, record: dict) -> None:
+    """Into a checkpoint's temporary folder: the adapter (peft safetensors; `adapter` the tensors under FSDP),
+    the tensors of the training state (state.pt) and the record of where the run stands (state.json)."""
+    model.save_pretrained(tmp, state_dict=adapter)
+    torch.save(state, tmp / STATE_PT)
+    (tmp / STATE_JSON).write_text(json.dumps(record))
 
 
-def disk_full(err: BaseException, folder: Path) -> bool:
-    """Whether `err`, raised while writing into `folder`, means the disk (or the user's quota) is full: an
-    OSError with ENOSPC / EDQUOT anywhere in its chain, a library's message that says so (safetensors:
-    "No space left on device (os error 28)"), or any write error with less than FULL_MARGIN left there."""
-    seen = err
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in FULL_ERRNOS:
-            return True
-        if any(m in str(seen).lower() for m in FULL_MESSAGES):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    try:
-        return shutil.disk_usage(folder).free < FULL_MARGIN
-    except OSError:
-        return False
+def read_checkpoint_files(folder: Path) -> tuple[dict, dict]:
+    """(adapter tensors, training state) of a checkpoint; the state read with weights_only=True."""
+    from safetensors.torch import load_file  # as peft: its import only where a checkpoint is read
+
+    return load_file(folder / ADAPTER_WEIGHTS), torch.load(folder / STATE_PT, weights_only=True)
 
 
-@contextmanager
-def atomic_folder(target: Path):
-    """A temporary folder beside `target` that becomes `target` when the block ends without error, with
-    ordinary permissions; on an error it is removed and an existing `target` is left as it was. There is
-    never half a folder at `target`: an old one is moved aside before the rename and removed after it.
-    A write that fails on a full disk is a DiskFull (one line: the disk is full, nothing was published)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        try:
-            yield tmp
-        except Exception as err:
-            if not isinstance(err, QbcoError) and disk_full(err, target.parent):
-                free = shutil.disk_usage(target.parent).free
-                raise DiskFull(target, free) from err
-            raise
-        readable(tmp)
-        old = target.with_name(f".{target.name}.old-{os.getpid()}") if target.exists() else None
-        if old is not None:
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def checkpoint_record(folder: Path) -> dict:
+    """state.json of a checkpoint: step, elapsed_s, shift, inputs (the fingerprint), world (processes)."""
+    return json.loads((folder / STATE_JSON).read_text())
 
 
-def readable(folder: Path) -> None:
-    """Ordinary permissions (umask applied): mkdtemp makes the folder 0700 and safetensors writes 0600,
-    which would keep a model meant for sharing private to its writer."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+# ------------------------------------------------------------ a merged folder
+
+
+def merge_info(folder: str | Path) -> dict | None:
+    """What `qbco merge` recorded in a merged folder (the run it came from, its base, the check), or None for a
+    folder it did not write."""
+    path = Path(folder) / MERGE_INFO
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def write_merge_info(folder: Path, info: dict) -> None:
+    (folder / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

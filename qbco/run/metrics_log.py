@@ -1,20 +1,18 @@
-"""RUN/metrics.jsonl, the run's log: one JSON line per optimizer step, then one `"split": "eval"` line with the
-held-out figures. Every reader (`qbco plot`, `qbco merge`'s model card, resume, the tests) goes through
-`read_metrics`, and there is one rule for a damaged file: a half-written last line, what a run killed while
-writing leaves, is skipped when reading and cut off by `keep_steps` before a resumed run appends; an
-unreadable line anywhere else is an error that names it.
+"""The run's metrics log (qbco.run.folder names the file): one JSON line per optimizer step, then one
+`"split": "eval"` line with the held-out figures. Every reader (`qbco plot`, `qbco merge`'s model card, resume,
+the tests) goes through `read_metrics` (RunFolder.metrics), and there is one rule for a damaged file: a
+half-written last line, what a run killed while writing leaves, is skipped when reading and cut off by
+`keep_steps` before a resumed run appends; an unreadable line anywhere else is an error that names it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qbco.errors import QbcoError
-
-FILE = "metrics.jsonl"
+from qbco.common.errors import QbcoError
+from qbco.common.files import write_text
 
 
 @dataclass
@@ -28,12 +26,8 @@ class Metrics:
 
 
 def read_metrics(path: str | Path) -> Metrics:
-    """The records of a metrics.jsonl; a missing file is an error that says what was expected there."""
+    """The records of a metrics log."""
     path = Path(path)
-    if path.is_dir():
-        path = path / FILE
-    if not path.is_file():
-        raise QbcoError(f"{path} not found: is {path.parent} a qbco run folder?")
     text = path.read_text(encoding="utf-8")
     lines = text.split("\n")
     metrics = Metrics()
@@ -61,9 +55,7 @@ def keep_steps(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path).steps if r["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class MetricsWriter:

@@ -1,12 +1,13 @@
 """Checkpoints: everything a run needs to continue as if it had never stopped, written atomically.
 
-RUN/checkpoints/step-00000050/ holds the adapter (peft safetensors), state.pt (optimizer, scheduler, torch
-RNG states, the fp16 loss scaler's; read back with weights_only=True) and state.json (step, elapsed time,
-reward-shift state, the fingerprint of the inputs, the number of processes). The data order needs no state
+A checkpoint (qbco.run.folder lays it out: RUN/checkpoints/step-00000050/) holds the adapter, the training
+state's tensors (optimizer, scheduler, torch RNG states, the fp16 loss scaler's; read back with
+weights_only=True) and a record of where the run stands (step, elapsed time, reward-shift state, the
+fingerprint of the inputs, the number of processes). The data order needs no state
 of its own: it is a pure function of (seed, epoch) over the training rows, so the step number says where the
 run stands in it, as long as the rows are the same; the fingerprint is how a resume knows they are. With
 several processes every rank takes part (under FSDP the adapter and the optimizer state are gathered from
-their shards), rank 0 alone writes, and state.pt holds every rank's RNG states.
+their shards), rank 0 alone writes, and the state holds every rank's RNG states.
 """
 
 from __future__ import annotations
@@ -18,33 +19,11 @@ from pathlib import Path
 
 import torch
 
-from qbco.distributed import Parallel
-from qbco.errors import QbcoError
-from qbco.run_folder import DiskFull, atomic_folder
-
-PREFIX = "step-"
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a temporary folder left by a crash never matches the prefix)."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file())
-
-
-def remove_leftovers(run_dir: Path) -> None:
-    """What a run killed while writing a checkpoint left: a half-written temporary folder (removed), or a
-    checkpoint moved aside to be replaced (atomic_folder's .NAME.old-PID: put back if nothing replaced it)."""
-    folder = run_dir / "checkpoints"
-    for tmp in sorted(folder.glob(".*.partial-*")) if folder.is_dir() else []:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in sorted(folder.glob(f".{PREFIX}*.old-*")) if folder.is_dir() else []:
-        name = folder / old.name[1:].rsplit(".old-", 1)[0]
-        if name.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.rename(name)
+from qbco.common.errors import QbcoError
+from qbco.common.files import DiskFull, atomic_folder
+from qbco.model.refcache import hub_revision
+from qbco.run.folder import RunFolder, checkpoint_record, read_checkpoint_files, write_checkpoint_files
+from qbco.train.distributed import Parallel
 
 
 def rng_state() -> dict:
@@ -60,8 +39,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, elaps
     On a full disk the older checkpoints stay as they are and the error says how to go on. Every rank of
     several calls it (`parallel`); rank 0 alone writes."""
     parallel = parallel or Parallel()
-    folder = run_dir / "checkpoints"
-    target = folder / f"{PREFIX}{step:08d}"
+    target = RunFolder(run_dir).checkpoint_folder(step)
     rng = rng or rng_state()
     adapter, optimizer_state = parallel.adapter_state(model), parallel.optimizer_state(model, optimizer)
     rank_rng = parallel.gather_rng(rng)
@@ -80,34 +58,31 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, elaps
 
 def write_checkpoint(run_dir, target, model, adapter, optimizer_state, scheduler, step, elapsed_s, shift_state, keep,
                      inputs, rng, rank_rng, scaler, world) -> None:
-    folder = target.parent
+    folder, run = target.parent, RunFolder(run_dir)
     try:
         with atomic_folder(target) as tmp:
-            model.save_pretrained(tmp, state_dict=adapter)
             state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **rng,
                      "scaler": scaler.state_dict() if scaler is not None else {}}  # fp16: the loss scale reached
             if rank_rng is not None:
                 state["rank_rng"] = rank_rng
-            torch.save(state, tmp / "state.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed_s, "shift": shift_state,
-                                                        "inputs": inputs or {}, "world": world}))
+            write_checkpoint_files(tmp, model, adapter, state, {"step": step, "elapsed_s": elapsed_s, "shift": shift_state,
+                                                                 "inputs": inputs or {}, "world": world})
     except DiskFull as full:
-        kept = [p for p in checkpoint_dirs(run_dir) if p != target]
+        kept = [p for p in run.checkpoints() if p != target]
         last = f"the last complete checkpoint, {kept[-1].name}, is intact" if kept else "no checkpoint was written"
         raise QbcoError(f"the disk is full: writing checkpoint {target.name} failed with {full.free >> 20} MiB free "
                         f"in {folder}; {last}. Free some space, then: qbco train --resume {run_dir}") from full
-    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+    for old in run.checkpoints()[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler=None, parallel: Parallel | None = None) -> dict:
-    """Restore adapter, optimizer, scheduler, RNG and (fp16) loss-scaler states in place; returns state.json's contents."""
-    from safetensors.torch import load_file
-
+    """Restore adapter, optimizer, scheduler, RNG and (fp16) loss-scaler states in place; returns the checkpoint's
+    record (run.folder.checkpoint_record)."""
     parallel = parallel or Parallel()
-    parallel.load_adapter(model, load_file(folder / "adapter_model.safetensors"))
-    state = torch.load(folder / "state.pt", weights_only=True)
+    adapter, state = read_checkpoint_files(folder)
+    parallel.load_adapter(model, adapter)
     parallel.load_optimizer(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
@@ -116,12 +91,12 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler=None, para
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     parallel.set_rng_state(state.get("rank_rng"))
-    return json.loads((folder / "state.json").read_text())
+    return checkpoint_record(folder)
 
 
 def saved_inputs(folder: Path) -> dict:
     """The fingerprint a checkpoint recorded ({} for one written before fingerprints existed)."""
-    return json.loads((folder / "state.json").read_text()).get("inputs", {})
+    return checkpoint_record(folder).get("inputs", {})
 
 
 # ------------------------------------------------------------------ what the data order depends on
@@ -153,10 +128,8 @@ def model_fingerprint(train_rows, eval_rows, base: str, load_in_4bit: bool, dtyp
 
 def base_fingerprint(base: str, sample: int = 1 << 20) -> str:
     """A hub model by its id and commit; a local folder by its config and weight files' names, sizes and first
-    and last MiB. Not by their dates, unlike the reference cache's key (refcache.base_identity): a copied or
+    and last MiB. Not by their dates, unlike the reference cache's key (qbco.model.refcache.base_identity): a copied or
     re-converted base is the same base, and refusing it would leave a run that cannot be resumed."""
-    from qbco.refcache import hub_revision
-
     folder = Path(base)
     if not folder.is_dir():
         return f"{base}@{hub_revision(base)}"
@@ -180,7 +153,7 @@ def check_inputs(run_dir: Path, checkpoint: Path, saved: dict, now: dict) -> Non
     said = ", ".join(describe_change(k, saved[k], now[k]) for k in changed)
     raise QbcoError(f"--resume {run_dir}: the inputs changed since {checkpoint.name} was written: {said}. Resuming "
                     "would continue on another row order or another reference; restore them, or start a new run "
-                    f"(qbco train --recipe {run_dir / 'config.yaml'})")
+                    f"(qbco train --recipe {RunFolder(run_dir).config_file})")
 
 
 def describe_change(part: str, then: str, now: str) -> str:
@@ -194,4 +167,4 @@ def describe_change(part: str, then: str, now: str) -> str:
 
 def checkpoint_world(folder: Path) -> int:
     """How many processes trained the run up to this checkpoint (1 for checkpoints from before they could be several)."""
-    return int(json.loads((folder / "state.json").read_text()).get("world", 1))
+    return int(checkpoint_record(folder).get("world", 1))

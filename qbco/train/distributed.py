@@ -8,7 +8,7 @@ MASTER_ADDR/PORT: torchrun sets them, and so does accelerate launch, which runs 
 before any process-group work. With one process every method here is the identity, nothing of
 torch.distributed is touched, and a run's arithmetic is what it was before this module existed.
 
-How a step stays exact (qbco/train.py, optimizer_step):
+How a step stays exact (qbco/train/loop.py, optimizer_step):
 - the window is drawn as one process draws it (epoch_order over batch x accumulation x world rows) and cut
   into per-rank micro-batches of `batch_size` rows: micro-batch m of rank k is the k-th slice of the single
   process's micro-batch m (`share`);
@@ -27,28 +27,28 @@ from contextlib import nullcontext
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file
 
-from qbco.errors import QbcoError
+from qbco.common.errors import QbcoError
+from qbco.common.launcher import launched_rank
+from qbco.model.device import default_device
+from qbco.model.loading import shard_decoder
+from qbco.model.logprobs import completion_logps, dataset_logps
+from qbco.model.lora import reference
+from qbco.model.refcache import entry, write_atomic
 
 TRUE = ("1", "true", "yes")
 
 
-def launched_rank(environ=None) -> int:
-    """This process's rank as the launcher set it (0 without a launcher); read before any process group."""
-    return int((environ if environ is not None else os.environ).get("RANK", "0") or 0)
-
-
 class _PolicyLogps(torch.nn.Module):
     """DDP wraps a module and syncs gradients of what its forward computed: here the policy's summed
-    completion log-probs (logprobs.completion_logps), which call the decoder directly."""
+    completion log-probs (model.logprobs.completion_logps), which call the decoder directly."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, attention_mask, completion_mask, chunk):
-        from qbco.logprobs import completion_logps
-
         return completion_logps(self.model, input_ids, attention_mask, completion_mask, chunk)
 
 
@@ -94,9 +94,7 @@ class Parallel:
         return "1" if self.world == 1 else f"{self.world} ({self.mode} over {self.backend or 'gloo'})"
 
     def device(self) -> torch.device:
-        """cuda:LOCAL_RANK for a rank on a GPU machine; one process keeps models.default_device()."""
-        from qbco.models import default_device
-
+        """cuda:LOCAL_RANK for a rank on a GPU machine; one process keeps model.device.default_device()."""
         if self.world > 1 and torch.cuda.is_available():
             return torch.device("cuda", self.local_rank % torch.cuda.device_count())
         return default_device()
@@ -121,7 +119,7 @@ class Parallel:
 
     def wrap(self, model: torch.nn.Module, device: torch.device) -> None:
         """Rank 0's LoRA initialisation on every rank, then DDP, or FSDP2 over the decoder layers
-        (models.shard_decoder). The PeftModel itself stays what the rest of qbco holds, so that saving it
+        (model.loading.shard_decoder). The PeftModel itself stays what the rest of qbco holds, so that saving it
         and disabling its adapters for the reference act on it, never on a wrapper (docs/pitfalls.md, 10)."""
         if self.world == 1:
             return
@@ -134,8 +132,6 @@ class Parallel:
                 p.data.copy_(data)
         if self.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
-
-            from qbco.models import shard_decoder
 
             self.root = shard_decoder(model, init_device_mesh(device.type, (self.world,)), device)
             return
@@ -169,7 +165,7 @@ class Parallel:
     # ------------------------------------------------------------------ the window
 
     def share(self, window: list[list[int]]) -> list[tuple[list[int], list[int], slice]]:
-        """This rank's micro-batches of a window (prepare.step_windows cuts one per rank and micro-step, rank
+        """This rank's micro-batches of a window (train.prepare.step_windows cuts one per rank and micro-step, rank
         after rank), each with the rows of the whole micro-step across ranks and where this rank's lie in
         them: (rows, group, mine), group[mine] == rows. With one process, group is rows."""
         out = []
@@ -271,16 +267,10 @@ class Parallel:
         return self._all_reduce(out)
 
     def reference_pass(self, model, encoded, batch_size, pad_id, device, chunk, key: str | None, on_rows=None):
-        """logprobs.reference_logps with several processes: rank 0's cache decides (the others may not share its
+        """model.logprobs.reference_logps with several processes: rank 0's cache decides (the others may not share its
         disk); a hit is read by rank 0 and broadcast, a miss computed by every rank (its share, gathered) and
         written once, whole, by rank 0. (One process writes the cache in parts as it goes; here an interrupted
         pass is computed again.) `on_rows` hears rank 0's progress scaled to the whole pass."""
-        from safetensors.torch import load_file
-
-        from qbco.logprobs import dataset_logps
-        from qbco.models import reference
-        from qbco.refcache import entry, write_atomic
-
         key = key if encoded else None
         if key is not None and self.any(self.main and entry(key).is_file()):
             return self.broadcast(load_file(entry(key))["logps"] if self.main else torch.zeros(len(encoded)))
@@ -337,7 +327,7 @@ class Parallel:
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     def gather_rng(self, own: dict) -> list | None:
-        """Every rank's RNG states (checkpoint.rng_state's dict), for a checkpoint of a run with several processes."""
+        """Every rank's RNG states (train.checkpoint.rng_state's dict), for a checkpoint of a run with several processes."""
         return None if self.world == 1 else self.gather_objects(own)
 
     def set_rng_state(self, states: list | None) -> None:

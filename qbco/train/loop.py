@@ -1,6 +1,7 @@
-"""The training loop. `train` reads top to bottom: prepare the run (qbco/prepare.py), then one
-`optimizer_step` per window of rows, each giving one line of metrics.jsonl, then the held-out figures and
-the adapter. What a loss computes is the objective's business (qbco/objectives.py), never the loop's."""
+"""The training loop. `train` reads top to bottom: prepare the run (qbco/train/prepare.py), then one
+`optimizer_step` per window of rows, each giving one line of the metrics log, then the held-out figures, the
+adapter and the calibration. What a loss computes is the objective's business (qbco/reward/objectives.py),
+never the loop's."""
 
 from __future__ import annotations
 
@@ -17,21 +18,20 @@ from pathlib import Path
 
 import torch
 
-from qbco.calibration import calibrate_run
-from qbco.checkpoint import rng_state
-from qbco.config import TrainConfig
-from qbco.data import Encoded, collate
-from qbco.distributed import launched_rank
-from qbco.errors import TrainingStopped
-from qbco.logprobs import completion_logps, dataset_logps
-from qbco.loss import bco_loss, implicit_rewards
-from qbco.memory import out_of_memory_message
-from qbco.models import reference
-from qbco.objectives import MicroBatch
-from qbco.prepare import Run, prepare_run
-from qbco.progress import Wait
-from qbco.run_folder import save_adapter
-from qbco.run_log import MetricsWriter
+from qbco.common.errors import TrainingStopped
+from qbco.common.launcher import launched_rank
+from qbco.common.progress import Wait
+from qbco.data.encoding import Encoded, collate
+from qbco.model.logprobs import completion_logps, dataset_logps
+from qbco.model.lora import reference
+from qbco.model.memory import Plan, out_of_memory_message
+from qbco.reward.calibration import Calibration, calibrate_held_out
+from qbco.reward.loss import bco_loss, implicit_rewards
+from qbco.reward.objectives import MicroBatch
+from qbco.run.config import TrainConfig
+from qbco.run.folder import RunFolder
+from qbco.train.checkpoint import rng_state
+from qbco.train.prepare import Run, prepare_run
 
 
 @dataclass
@@ -43,14 +43,14 @@ class RunResult:
     final_loss: float | None
     peak_memory_mb: float  # the largest of the ranks'
     eval: dict = field(default_factory=dict)
-    checkpointing: object = None  # qbco.memory.Plan
-    calibration: object = None  # qbco.calibration.Calibration, written to RUN/calibration.json
+    recompute: Plan | None = None  # the layers recomputed in backward (--gradient-checkpointing)
+    calibration: Calibration | None = None  # the Platt scale of p_up, saved in the run folder
     processes: str = "1"  # how many processes trained it, and how (Parallel.describe)
 
 
 def train(config: TrainConfig, progress=None, log=print, resume: str | Path | None = None, overwrite: bool = False) -> RunResult:
     """Run one training run as `config` says, or continue the run at `resume`; returns what the summary shows.
-    Under torchrun or accelerate launch this is one rank of several (qbco/distributed.py): only rank 0 logs,
+    Under torchrun or accelerate launch this is one rank of several (qbco/train/distributed.py): only rank 0 logs,
     shows progress and writes."""
     if launched_rank() != 0:
         progress, log = None, lambda message: None
@@ -90,12 +90,14 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
         if held_out:
             metrics.write({"split": "eval", "step": run.total_steps, "delta": run.shift.delta, **held_out})
     save_final_adapter(run)
-    calibration = (calibrate_run(out, margins, [e.label for e in run.eval_rows], f"held-out part of {config.data}")
-                   if run.parallel.main else None)  # RUN/calibration.json: rank 0's to write
+    calibration = None
+    if run.parallel.main:  # rank 0's to write
+        calibration = calibrate_held_out(margins, [e.label for e in run.eval_rows], f"held-out part of {config.data}")
+        RunFolder(out).save_calibration(calibration)
     return RunResult(output=out, steps=run.total_steps, elapsed_s=elapsed,
                      tokens_per_s=tokens / (time.perf_counter() - run.started) if tokens else 0.0,
                      final_loss=loss, peak_memory_mb=run.parallel.max(peak_memory_mb(run.device)), eval=held_out,
-                     checkpointing=run.checkpointing, calibration=calibration, processes=run.parallel.describe())
+                     recompute=run.recompute, calibration=calibration, processes=run.parallel.describe())
 
 
 def optimizer_step(run: Run, window: list[list[int]]) -> dict:
@@ -209,7 +211,7 @@ def out_of_memory(err: BaseException, run: Run, step: int) -> TrainingStopped:
     any other RuntimeError goes on as it was."""
     if isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
         raise err
-    return TrainingStopped(out_of_memory_message(run.checkpointing, run.config, f"in step {step}"), exit_code=4)
+    return TrainingStopped(out_of_memory_message(run.recompute, run.config, f"in step {step}"), exit_code=4)
 
 
 class NonFinite(Exception):
@@ -227,16 +229,16 @@ class NonFinite(Exception):
 
 
 def save_final_adapter(run: Run) -> None:
-    """RUN/adapter, written by rank 0 (under FSDP from tensors every rank helped gather); every rank waits for it."""
+    """The run's adapter, written by rank 0 (under FSDP from tensors every rank helped gather); every rank waits for it."""
     adapter = run.parallel.adapter_state(run.model)
     if run.parallel.main:
-        save_adapter(run.model, run.tokenizer, run.out / "adapter", run.shift, adapter)
+        RunFolder(run.out).save_adapter(run.model, run.tokenizer, run.shift, adapter)
     run.parallel.barrier()
 
 
 def metrics_writer(run: Run):
-    """metrics.jsonl, written by rank 0 alone (the other ranks' records are the same)."""
-    return MetricsWriter(run.out / "metrics.jsonl") if run.parallel.main else NoMetrics()
+    """The metrics log, written by rank 0 alone (the other ranks' records are the same)."""
+    return RunFolder(run.out).metrics_writer() if run.parallel.main else NoMetrics()
 
 
 class NoMetrics(nullcontext):

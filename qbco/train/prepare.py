@@ -2,12 +2,11 @@
 every check of their input before anything is written or loaded that takes long, then the model, the run
 folder, the reference log-probs (one pass, cached on disk in parts), the optimizer and, on --resume, the state
 to continue from, once the inputs are known to be those the checkpoint recorded and the flags to be those a
-resume may change. `prepare_run` returns it all as one `Run`, which the loop in qbco/train.py steps through."""
+resume may change. `prepare_run` returns it all as one `Run`, which the loop in qbco/train/loop.py steps through."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,37 +15,31 @@ from typing import Iterator
 
 import torch
 
-from qbco.checkpoint import (
+from qbco.common.errors import QbcoError, TrainingStopped
+from qbco.common.progress import Wait
+from qbco.data.encoding import Encoded, encode_all, epoch_order
+from qbco.data.feedback import check_data_source, load_feedback
+from qbco.model.device import compute_dtype
+from qbco.model.loading import load_policy
+from qbco.model.logprobs import reference_logps
+from qbco.model.memory import Plan, estimate
+from qbco.model.names import cache_dir, resolve_model
+from qbco.model.recompute import apply_recompute
+from qbco.model.refcache import ReferenceInterrupted, cache_key
+from qbco.reward.objectives import Objective, build_objective
+from qbco.reward.shift import RewardShift
+from qbco.run.config import RESUME_OVERRIDES, TrainConfig, changed_settings, resume_overrides_help
+from qbco.run.folder import RunFolder, checkpoint_record, default_output
+from qbco.train.checkpoint import (
     check_inputs,
-    checkpoint_dirs,
     checkpoint_world,
     data_fingerprint,
     load_checkpoint,
     model_fingerprint,
-    remove_leftovers,
     save_checkpoint,
     saved_inputs,
 )
-from qbco.config import (
-    RESUME_OVERRIDES,
-    TrainConfig,
-    changed_settings,
-    config_notes,
-    load_run_config,
-    resume_overrides_help,
-    save_config,
-)
-from qbco.data import Encoded, check_data_source, encode_all, epoch_order, load_feedback
-from qbco.distributed import Parallel
-from qbco.errors import QbcoError, TrainingStopped
-from qbco.logprobs import reference_logps
-from qbco.models import apply_checkpointing, cache_dir, compute_dtype, load_policy, resolve_model
-from qbco.objectives import Objective, build_objective
-from qbco.progress import Wait
-from qbco.refcache import ReferenceInterrupted, cache_key
-from qbco.run_folder import check_run_folder, default_output
-from qbco.run_log import keep_steps
-from qbco.shift import RewardShift
+from qbco.train.distributed import Parallel
 
 
 @dataclass
@@ -74,8 +67,8 @@ class Run:
     start_step: int = 0  # the step a resumed run continues after
     elapsed_before: float = 0.0  # training seconds before the resume
     started: float = field(default_factory=time.perf_counter)
-    inputs: dict = field(default_factory=dict)  # the fingerprint every checkpoint records (checkpoint.py)
-    checkpointing: object = None  # qbco.memory.Plan: the layers checkpointed, the budget, the estimate
+    inputs: dict = field(default_factory=dict)  # the fingerprint every checkpoint records (train/checkpoint.py)
+    recompute: Plan | None = None  # the layers recomputed in backward (--gradient-checkpointing), the budget, the estimate
 
     def __post_init__(self):
         self.scaler = loss_scaler(compute_dtype(self.config.dtype, self.device), self.device)
@@ -96,15 +89,16 @@ class Run:
 
 def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None = None, overwrite: bool = False,
                 progress=None, parallel: Parallel | None = None) -> Run:
-    """The run `config` describes, or the run at `resume` ready to continue: with its own config.yaml, but for
-    the settings config.RESUME_OVERRIDES lets a resume change (`config` carries them; None changes nothing).
+    """The run `config` describes, or the run at `resume` ready to continue: with its own saved config, but for
+    the settings run.config.RESUME_OVERRIDES lets a resume change (`config` carries them; None changes nothing).
     `progress` (the CLI's rich Progress, or None) shows the reference pass. `parallel`: this process among
-    several under a launcher (qbco/distributed.py); default: the launcher's."""
-    config, out, changes = run_folder(config, resume, overwrite)
+    several under a launcher (qbco/train/distributed.py); default: the launcher's."""
+    config, out, changes = open_run(config, resume, overwrite)
     parallel = parallel or Parallel.from_env(config.fsdp)
-    if parallel.fsdp and not config.fsdp:  # asked for by accelerate's FSDP config: config.yaml says so
+    if parallel.fsdp and not config.fsdp:  # asked for by accelerate's FSDP config: the run's config says so
         config = dataclasses.replace(config, fsdp=True)
-    since = checkpoint_dirs(out)[-1] if resume is not None and checkpoint_dirs(out) else None
+    checkpoints = RunFolder(out).checkpoints() if resume is not None else []
+    since = checkpoints[-1] if checkpoints else None
     saved = saved_inputs(since) if since else {}
     check_data_source(config.data)  # a typo fails here, before a model is converted or loaded
     resolve_model(config.model, log)  # an unknown name fails here, before anything is loaded or written
@@ -117,9 +111,10 @@ def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None
     units = objective.units(train_examples)
     check_processes(parallel, config, units, out, since)
     steps_per_epoch, total_steps = step_counts(config, len(units), parallel.world)
-    if since is not None and checkpoint_step(since) > total_steps:
-        raise QbcoError(f"--resume {out}: the run is at step {checkpoint_step(since)}, past the {total_steps} steps "
-                        "that --max-steps / --epochs now allow; give more")
+    done = checkpoint_record(since)["step"] if since is not None else 0
+    if done > total_steps:
+        raise QbcoError(f"--resume {out}: the run is at step {done}, past the {total_steps} steps that --max-steps / "
+                        "--epochs now allow; give more")
     device = parallel.device()
     if parallel.fsdp and compute_dtype(config.dtype, device) == torch.float16:
         # fp16's GradScaler would see only this rank's gradient shard: ranks could skip different steps
@@ -140,11 +135,11 @@ def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None
     inputs |= model_fingerprint(train_rows, eval_rows, base_path, config.load_in_4bit, dtype)
     check_inputs(out, since, saved, inputs)
     describe_data(train_rows, eval_rows, log)
-    checkpointing = apply_checkpointing(model, config, train_rows + eval_rows, device)  # k from the longest rows
-    if checkpointing is not None:
-        log(checkpointing.estimate.line(config, checkpointing.every_n, checkpointing.budget))
+    recompute = apply_recompute(model, config, train_rows + eval_rows, device)  # k from the longest rows
+    if recompute is not None:
+        log(recompute.estimate.line(config, recompute.every_n, recompute.budget))
     if resume is None and parallel.main:
-        publish(out, config)
+        RunFolder(out).publish(config)
     parallel.wrap(model, device)
 
     ref_train, ref_eval = reference_pass(model, tokenizer, train_rows, eval_rows, config, base_path, dtype, device, out,
@@ -154,33 +149,34 @@ def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None
     run = Run(config, out, device, tokenizer, model, objective, train_rows, eval_rows, ref_train, ref_eval,
               optimizer, schedule(optimizer, config.warmup_ratio, total_steps), RewardShift(config.ema_decay),
               steps_per_epoch, total_steps, step_windows(units, config, parallel.world), inputs=inputs,
-              checkpointing=checkpointing, parallel=parallel)
+              recompute=recompute, parallel=parallel)
     if resume is not None:
         restore(run, since, changes, log)
     return run
 
 
-def run_folder(config: TrainConfig | None, resume, overwrite: bool) -> tuple[TrainConfig, Path, dict]:
+def open_run(config: TrainConfig | None, resume, overwrite: bool) -> tuple[TrainConfig, Path, dict]:
     """(config, run folder, settings changed on resume): a new run's folder, checked; or a run to resume, with
-    the config it was started with and the overrides `config` brings (only config.RESUME_OVERRIDES)."""
+    the config it was started with and the overrides `config` brings (only run.config.RESUME_OVERRIDES)."""
     if resume is None:
         out = Path(config.output) if config.output else default_output(config)
-        check_run_folder(out, overwrite, config)
+        RunFolder(out).check_new(overwrite, config)
         return config, out, {}
     out = Path(resume)
     if overwrite:
         raise QbcoError(f"--overwrite has no effect with --resume: --resume continues {out}, --overwrite would replace "
                         "it; drop one")
-    if not (out / "config.yaml").is_file():
-        raise QbcoError(f"--resume {out}: no qbco run there (config.yaml missing)")
-    saved = load_run_config(out / "config.yaml")
+    folder = RunFolder(out)
+    if not folder.holds_run():
+        raise QbcoError(f"--resume {out}: no qbco run there ({folder.config_file.name} missing)")
+    saved = folder.config()
     changes = changed_settings(saved, config) if config is not None else {}
     fixed = [k for k in changes if k not in RESUME_OVERRIDES]
     if fixed:
         name = fixed[0]
-        raise QbcoError(f"--resume continues a run with its own config.yaml; --{name.replace('_', '-')} cannot change "
-                        f"({changes[name][0]!r} there, {changes[name][1]!r} given; flags allowed with --resume: "
-                        f"{resume_overrides_help()})")
+        raise QbcoError(f"--resume continues a run with its own {folder.config_file.name}; --{name.replace('_', '-')} "
+                        f"cannot change ({changes[name][0]!r} there, {changes[name][1]!r} given; flags allowed with "
+                        f"--resume: {resume_overrides_help()})")
     return (config if changes else saved), out, changes
 
 
@@ -190,10 +186,6 @@ def step_counts(config: TrainConfig, units: int, world: int = 1) -> tuple[int, i
     per_epoch = max(1, units // (config.batch_size * config.grad_accum * world))
     total = math.ceil(config.epochs * per_epoch)
     return per_epoch, total if config.max_steps is None else min(total, config.max_steps)
-
-
-def checkpoint_step(folder: Path) -> int:
-    return json.loads((folder / "state.json").read_text())["step"]
 
 
 def check_processes(parallel: Parallel, config: TrainConfig, units: list, out: Path, since: Path | None) -> None:
@@ -206,17 +198,6 @@ def check_processes(parallel: Parallel, config: TrainConfig, units: list, out: P
         raise QbcoError(f"{config.data}: {len(units)} training units are fewer than one step's window of {window} "
                         f"(batch size {config.batch_size} x accumulation {config.grad_accum} x {parallel.world} processes); "
                         "lower --batch-size or use fewer processes")
-
-
-def publish(out: Path, config: TrainConfig) -> None:
-    """The run folder, with the resolved config; one already there holds a run that --overwrite replaces (or
-    the same run, never started, that the same command starts again)."""
-    import shutil
-
-    if out.exists():
-        shutil.rmtree(out)  # check_run_folder let only an empty folder, a run with --overwrite or a never-started one through
-    out.mkdir(parents=True)
-    save_config(config, out / "config.yaml")
 
 
 def reference_pass(model, tokenizer, train_rows, eval_rows, config, base_path, dtype, device, out, since, log, progress=None,
@@ -256,9 +237,7 @@ def describe_data(train_rows: list[Encoded], eval_rows: list[Encoded], log) -> N
 
 def log_memory_estimate(config: TrainConfig, device, log) -> None:
     """One line before loading: what the run will need and which flag shrinks what (docs/pitfalls.md, 11)."""
-    from transformers import AutoConfig
-
-    from qbco.memory import estimate
+    from transformers import AutoConfig  # transformers' import costs seconds; here only when a run starts
 
     try:
         hf_config = AutoConfig.from_pretrained(resolve_model(config.model), trust_remote_code=config.trust_remote_code)
@@ -305,9 +284,10 @@ def restore(run: Run, since: Path | None, changes: dict, log) -> None:
     """Continue from the run's last checkpoint (`since`; None: the run had none, so it starts at step 0):
     weights, optimizer, scheduler, RNG and reward shift restored, the data order advanced past the steps done
     (it is a pure function of (seed, epoch)), the metrics log cut back to the checkpoint's step, and each
-    override recorded in config.yaml."""
+    override recorded in the run's config."""
+    folder = RunFolder(run.out)
     if run.parallel.main:
-        remove_leftovers(run.out)
+        folder.remove_leftovers()
     if since is not None:
         state = load_checkpoint(since, run.model, run.optimizer, run.scheduler, run.scaler, run.parallel)
         run.start_step, run.elapsed_before = state["step"], state["elapsed_s"]
@@ -317,13 +297,12 @@ def restore(run: Run, since: Path | None, changes: dict, log) -> None:
     for _ in range(run.start_step):
         next(run.windows)
     if run.parallel.main:
-        keep_steps(run.out / "metrics.jsonl", run.start_step)
+        folder.keep_steps(run.start_step)
     said = ""
     if changes:
         said = ", ".join(f"{k} {new!r} (was {old!r})" for k, (old, new) in changes.items())
-        path = run.out / "config.yaml"
         if run.parallel.main:
-            save_config(run.config, path, config_notes(path) + [f"--resume at step {run.start_step}: {said}"])
+            folder.save_config(run.config, folder.config_notes() + [f"--resume at step {run.start_step}: {said}"])
         said = f"; changed: {said}"
     log(f"resumed {run.out} at step {run.start_step} of {run.total_steps}{said}")
 

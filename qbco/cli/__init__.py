@@ -1,0 +1,1 @@
+"""The command line: flags, progress bars and every table; each command calls one library function."""

@@ -1,0 +1,1 @@
+"""Training: everything before the first step (prepare), the loop, several processes (distributed)."""
