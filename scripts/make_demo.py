@@ -413,7 +413,8 @@ def _capitals_items(rng: random.Random) -> List[Item]:
             return tpl.format(c=country, x=rg.choice(cands))
 
         names = [capital, *CAPITAL_ALSO.get(capital, [])]
-        items.append(_item("capitals", prompt, up, wrong, {"kind": "mentions", "any": names}))
+        wrongs = sorted(({*others, *all_capitals} - set(names)) - {country})
+        items.append(_item("capitals", prompt, up, wrong, {"kind": "mentions", "any": names, "wrong": wrongs}))
     return items
 
 
@@ -453,8 +454,7 @@ def _format_items(rng: random.Random, n: int) -> List[Item]:
                 return " and ".join(chosen[:m]).capitalize() + " are good examples."
             return sep.join(rg.sample(other_pool, m))  # wrong category
 
-        exclude = sorted({x for j, (_, p) in enumerate(LIST_CATEGORIES) if j != ci for x in p} - set(pool))
-        check = {"kind": "list", "count": m, "separator": sep, "exclude": exclude}
+        check = {"kind": "list", "count": m, "separator": sep, "of": sorted(pool)}
         items.append(_item("format", prompt, up, wrong, check))
 
     # 2) Upper / lower case.
@@ -562,7 +562,9 @@ def _opposites_items(rng: random.Random) -> List[Item]:
             x = syn if syn and rg.random() < 0.6 else rg.choice(cands)
             return tpl.format(w=w, x=x)
 
-        check = {"kind": "mentions", "any": [ant, *OPPOSITE_ALSO.get(w, [])]}
+        right = [ant, *OPPOSITE_ALSO.get(w, [])]
+        wrongs = sorted(({syn} if syn else set()) | set(all_antonyms) - set(right) - {w})
+        check = {"kind": "mentions", "any": right, "wrong": wrongs}
         items.append(_item("opposites", prompt, tpl.format(w=w, x=ant), wrong, check))
     return items
 

@@ -109,7 +109,7 @@ def test_every_row_carries_a_check_that_its_label_agrees_with(rows):
     by_prompt = defaultdict(list)
     for r in rows:
         spec = row_check(r)
-        assert passes(r["completion"], spec) == r["label"], r
+        assert passes(r["completion"], spec, r["prompt"]) == r["label"], r
         by_prompt[r["prompt"]].append(json.dumps(spec, sort_keys=True))
     assert all(len(set(specs)) == 1 for specs in by_prompt.values())
     kinds = {(r["task"], r["check"]["kind"]) for r in rows}

@@ -208,7 +208,7 @@ def answers(run_dir: Path, config, tokenizer, model, entries: list[dict], delta:
                 "tokens": tokens,
                 "reward": float(rewards[i]),
                 "p_up": probs[i],
-                "success": passes(text, entry["check"]) if entry["check"] is not None else None,
+                "success": passes(text, entry["check"], entry["prompt"]) if entry["check"] is not None else None,
             }
         records.append(record)
     return records, kind
