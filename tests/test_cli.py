@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from qbco.cli.main import app
-from qbco.run.config import TrainConfig, build_config, field_names
+from qbco.run.config import TrainConfig, auto_epochs, auto_lr, build_config, choose_recipe, field_names
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -38,12 +38,41 @@ def test_shipped_recipes_are_valid(recipe):
     assert isinstance(config, TrainConfig)
 
 
-def test_demo_recipe_is_the_defaults_plus_the_measured_answer_settings():
-    """The demo recipe is TrainConfig's defaults (the paper's BCO) but for the thumbs-up NLL term, the learning
-    rate and the epochs that docs/results.md measured the demo's answers to need."""
-    demo = build_config(ROOT / "recipes" / "smollm2-135m-demo.yaml")
-    changed = {k for k, v in demo.to_dict().items() if TrainConfig().to_dict()[k] != v}
-    assert changed == {"sft_weight", "lr", "epochs"} and demo.sft_weight > 0 and TrainConfig().sft_weight == 0
+def test_defaults_follow_the_loss_the_file_and_the_model():
+    """A plain run's settings (docs/results.md measured them): BCO with the thumbs-up NLL term at weight 3, the
+    other losses without it; passes enough to see about 900 rows (at least 1, at most 10); lr 1e-3 at 135M
+    parameters, times sqrt(135M / N) above. The numbers below are worked by hand from those rules."""
+    assert TrainConfig().sft_weight == 3.0 and build_config().sft_weight == 3.0
+    assert [build_config(loss=loss).sft_weight for loss in ("bce", "kto", "dpo")] == [0.0, 0.0, 0.0]
+    assert build_config(loss="kto", sft_weight=1.0).sft_weight == 1.0  # a flag wins
+    assert (TrainConfig().lr, TrainConfig().epochs) == (None, None)  # filled in by the run: TrainConfig.sized
+    assert [auto_epochs(n) for n in (586, 100, 99, 90, 50, 900, 5000)] == [1.54, 9.0, 9.09, 10.0, 10.0, 1.0, 1.0]
+    assert [auto_lr(n) for n in (134_515_008, 135e6, 540e6, 3.09e9, 7.6e9)] == [1e-3, 1e-3, 5e-4, 2.1e-4, 1.3e-4]
+    sized = TrainConfig(data="f.jsonl").sized(rows=100, parameters=540e6)
+    assert (sized.epochs, sized.lr) == (9.0, 5e-4)
+    given = TrainConfig(lr=2e-4, epochs=1.0).sized(rows=100, parameters=540e6)
+    assert (given.epochs, given.lr) == (1.0, 2e-4)  # what was given stays
+
+
+def test_a_recipe_applies_to_the_loss_it_was_measured_for(captured):
+    """The paper's recipe (BCO) is not applied to `--loss kto` on its pair: kto gets its own defaults, and the first
+    line says so, under --quiet too (on stderr)."""
+    result = runner.invoke(app, ["train", "--model", "qwen2.5-3b", "--data", "helpsteer2", "--loss", "kto"],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    first = " ".join(result.output.split())
+    assert first.startswith("recipe qwen2.5-3b-helpsteer2 (shipped for --model qwen2.5-3b --data helpsteer2) was "
+                            "measured for --loss bco, not applied: --loss kto runs its own defaults (sft_weight 0")
+    assert (captured[-1].loss, captured[-1].sft_weight, captured[-1].max_prompt_length, captured[-1].lr) == ("kto", 0.0, 256, None)
+    quiet = runner.invoke(app, ["train", "--model", "qwen2.5-3b", "--data", "helpsteer2", "--loss", "kto", "--quiet"])
+    assert quiet.exit_code == 0 and "was measured for --loss bco, not applied" in " ".join(quiet.output.split())
+    runner.invoke(app, ["train", "--model", "qwen2.5-3b", "--data", "helpsteer2", "--loss", "bco", "--quiet"])
+    assert captured[-1].max_prompt_length == 1536  # the loss it was measured for: applied
+
+
+def test_the_papers_loss_is_one_recipe_away():
+    paper = build_config(choose_recipe("paper", None, None)[0])
+    assert (paper.loss, paper.sft_weight, paper.lr, paper.epochs) == ("bco", 0.0, 3e-4, 1.0)
 
 
 def test_flags_override_the_recipe(tmp_path):
@@ -154,7 +183,6 @@ def captured(monkeypatch, tmp_path):
 def test_the_paper_pair_runs_the_papers_settings(captured):
     """`qbco train --model qwen2.5-3b --data helpsteer2` trains with the shipped recipe for that pair (prompt
     1,536, completion 512, its lr and warm-up), names it first, and a flag still wins over it."""
-    import yaml
 
     paper = yaml.safe_load((ROOT / "recipes" / "qwen2.5-3b-helpsteer2.yaml").read_text())
     assert (paper["max_prompt_length"], paper["max_completion_length"]) == (1536, 512)
@@ -165,7 +193,7 @@ def test_the_paper_pair_runs_the_papers_settings(captured):
         assert getattr(config, key) == value, key
     assert (config.max_prompt_length, config.max_completion_length, config.lr, config.warmup_ratio) == (1536, 512, 1e-4, 0.1)
     first = result.output.strip().splitlines()[0]
-    assert first.startswith("recipe qwen2.5-3b-helpsteer2 (shipped for --model qwen2.5-3b --data helpsteer2)")
+    assert first.startswith("recipe qwen2.5-3b-helpsteer2 (shipped for --model qwen2.5-3b --data helpsteer2 --loss bco)")
     assert "max_prompt_length 1536" in first and "--recipe none turns it off" in first
 
     # The hub id is the same model; a flag overrides the recipe; --recipe none is TrainConfig's defaults.
@@ -173,7 +201,7 @@ def test_the_paper_pair_runs_the_papers_settings(captured):
     assert (captured[-1].max_prompt_length, captured[-1].max_completion_length, captured[-1].lr) == (1024, 512, 1e-4)
     result = runner.invoke(app, ["train", "--model", "qwen2.5-3b", "--data", "helpsteer2", "--recipe", "none"])
     assert result.exit_code == 0 and "recipe" not in result.output.splitlines()[0]
-    assert (captured[-1].max_prompt_length, captured[-1].max_completion_length, captured[-1].lr) == (256, 128, 3e-4)
+    assert (captured[-1].max_prompt_length, captured[-1].max_completion_length, captured[-1].lr) == (256, 128, None)
     # Another pair has no recipe: the defaults; a shipped recipe can be named.
     runner.invoke(app, ["train", "--model", "qwen2.5-3b", "--data", "ultrafeedback", "--quiet"])
     assert captured[-1].max_prompt_length == TrainConfig().max_prompt_length
@@ -191,7 +219,7 @@ def test_an_error_with_brackets_is_printed_as_written(tmp_path):
 def test_a_missing_recipe_names_the_shipped_ones(tmp_path):
     result = runner.invoke(app, ["train", "--recipe", str(tmp_path / "paper.yaml"), "--quiet"])
     assert result.exit_code == 2
-    assert (f"recipe not found: {tmp_path / 'paper.yaml'} (shipped recipes: qwen2.5-3b-helpsteer2, smollm2-135m-demo; "
+    assert (f"recipe not found: {tmp_path / 'paper.yaml'} (shipped recipes: paper, qwen2.5-3b-helpsteer2; "
             "or --recipe none)") in " ".join(result.output.split())
 
 
@@ -205,20 +233,14 @@ def help_text(*args: str) -> str:
 
 
 def test_train_help_states_what_a_plain_run_uses():
-    """Each flag's default is the field's; where the recipe that a plain `qbco train` applies (the demo's) sets
-    another value, the help says that one too: `qbco train --help` once said lr 3e-4 while a plain run used 1e-3."""
-    demo = yaml.safe_load((ROOT / "recipes" / "smollm2-135m-demo.yaml").read_text())
+    """Each flag's default is what a plain `qbco train` runs (`qbco train --help` once said lr 3e-4 while a plain
+    run used 1e-3): the defaults that follow the loss, the file and the model say their rule."""
     text = help_text("train")
-    differs = [name for name in demo if name not in ("model", "data") and demo[name] != getattr(TrainConfig(), name)]
-    assert {"lr", "sft_weight", "epochs"} <= set(differs)
-    for name in differs:
-        flag = "--" + name.replace("_", "-")
-        shown = f"{demo[name]:g}" if isinstance(demo[name], float) else str(demo[name])
-        said = re.search(re.escape(flag) + r" .*?\(default: ([^;)]*); a plain qbco train, on the demo, runs ([^ ]*) from its "
-                         r"recipe smollm2-135m-demo\)", text)
-        assert said is not None, flag
-        assert said.group(2) == shown and float(said.group(1)) == float(getattr(TrainConfig(), name)), flag
-    assert re.search(r"--seed .*?\(default: 0\)", text)  # a setting the recipe leaves alone: its default alone
+    assert re.search(r"--sft-weight .*?\(default: 3 with bco, measured \(docs/results.md\); 0 with bce, kto, dpo\)", text)
+    assert re.search(r"--lr .*?\(default: auto: 1e-3 for a model of 135M parameters or fewer", text)
+    assert re.search(r"--epochs .*?\(default: auto: 900 rows' worth, at least 1 pass, at most 10", text)
+    assert re.search(r"--seed .*?\(default: 0\)", text)
+    assert choose_recipe(None, None, None) == (None, None)  # the demo has no recipe of its own: the defaults
 
 
 def test_every_train_flag_comes_from_one_config_field():

@@ -4,6 +4,8 @@ fails before any model is touched."""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -203,3 +205,24 @@ def test_a_data_typo_fails_before_the_model_is_converted_or_loaded(tmp_path, mon
     assert touched == [] and not (tmp_path / "run").exists()  # the default model was neither converted nor loaded
     assert "--data 'helpstear2' is neither a file nor a registered dataset" in result.output
     assert "did you mean helpsteer2?" in result.output
+
+
+def test_a_files_split_column_is_its_held_out_part(tmp_path):
+    """A file whose every row says split train or eval (validation, test) keeps that split, whatever the seed; a
+    file with no split column, or one that names no eval row, is split by qbco (10% of its prompts)."""
+    from qbco.data.feedback import load_feedback
+
+    rows = [{"prompt": f"q{i}", "completion": "a", "label": i % 2 == 0, "split": "validation" if i < 3 else "train"}
+            for i in range(20)]
+    path = tmp_path / "f.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for seed in (0, 1):
+        train, held = load_feedback(str(path), None, seed)
+        assert sorted(e.prompt for e in held) == ["q0", "q1", "q2"] and len(train) == 17
+    train, held = load_feedback(str(path), 0.5, 0)  # --eval-fraction re-splits everything
+    assert len(held) == 10
+    for r in rows:
+        r["split"] = "train"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, held = load_feedback(str(path), None, 0)
+    assert len(held) == 2 and len(train) == 18

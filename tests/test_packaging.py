@@ -60,7 +60,7 @@ def test_the_wheel_holds_every_module_the_recipes_and_the_demo(tmp_path):
     (wheel,) = tmp_path.glob("qbco-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     recipes = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
-    assert {"qwen2.5-3b-helpsteer2.yaml", "smollm2-135m-demo.yaml"} <= set(recipes)
+    assert {"qwen2.5-3b-helpsteer2.yaml", "paper.yaml"} <= set(recipes)
     assert {f"qbco/recipes/{name}" for name in recipes} <= names
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "qbco").rglob("*.py")}
     assert modules - names == set()  # a package missing from pyproject.toml's list would be missing here

@@ -107,9 +107,11 @@ def train(**flags) -> None:
     restart_under_mimalloc()  # before anything is loaded: qbco.cli.allocator says why
     with user_errors():
         if resume is None:
-            recipe_file, matched = choose_recipe(recipe, flags["model"], flags["data"])
+            recipe_file, matched = choose_recipe(recipe, flags["model"], flags["data"], flags["loss"])
             config = build_config(recipe_file, **given)  # a mistake in a flag or recipe fails here, before torch loads
-            if matched and not quiet:
+            if matched and quiet:  # what was applied is said even under --quiet, on stderr
+                print(f"qbco: {matched}", file=sys.stderr)
+            elif matched:
                 _log(matched)
         _quiet_libraries()
         from qbco.run.folder import resume_config  # torch: see the module's docstring

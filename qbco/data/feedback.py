@@ -115,8 +115,8 @@ def split_by_prompt(examples: list[Example], fraction: float, seed: int) -> tupl
 def load_feedback(data: str, eval_fraction: float | None, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, eval) examples from 'demo', a registered dataset name, or a local file.
 
-    eval_fraction None keeps the data's own held-out part (the demo's, a registry's validation split)
-    and otherwise holds out 10%; a number re-splits everything by prompt with that fraction.
+    eval_fraction None keeps the data's own held-out part (the demo's, a registry's validation split, a file's
+    `split` column: split_column) and otherwise holds out 10%; a number re-splits everything by prompt with that fraction.
     """
     check_data_source(data)
     own_eval: list[Example] | None = None
@@ -129,8 +129,20 @@ def load_feedback(data: str, eval_fraction: float | None, seed: int) -> tuple[li
         own_eval = rows_to_examples(eval_rows, f"{data}:eval") if eval_rows else None
     else:
         path = Path(data).expanduser()
-        train = rows_to_examples(read_rows(path), str(path))
+        train, own_eval = split_column(rows_to_examples(read_rows(path), str(path)))
     return _resplit(train, own_eval, eval_fraction, seed)
+
+
+SPLIT_NAMES = {"train": "train", "eval": "eval", "validation": "eval", "test": "eval", "heldout": "eval"}
+
+
+def split_column(examples: list[Example]) -> tuple[list[Example], list[Example] | None]:
+    """A file's own held-out part: when every row has a `split` of train or eval (validation, test) and some are
+    eval, (the train rows, the eval rows); otherwise (all rows, None) and qbco holds out its share by prompt."""
+    names = [SPLIT_NAMES.get(str(e.extra.get("split", "")).strip().lower()) for e in examples]
+    if not examples or None in names or "eval" not in names or "train" not in names:
+        return examples, None
+    return [e for e, n in zip(examples, names) if n == "train"], [e for e, n in zip(examples, names) if n == "eval"]
 
 
 def check_data_source(data: str) -> None:

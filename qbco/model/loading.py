@@ -4,6 +4,7 @@ FSDP sharding, and the fp32 base that a merge adds an adapter to."""
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
@@ -164,3 +165,15 @@ def dequantized_base(config, device: torch.device, dtype: torch.dtype = torch.fl
     if getattr(base, "hf_quantizer", None) is not None:
         base = base.dequantize(dtype=torch.float32)
     return base.to(dtype).eval()
+
+
+def parameter_count(model) -> int:
+    """The base model's parameters (the frozen ones: LoRA's are not counted), a 4-bit weight by the shape it
+    quantizes (bitsandbytes packs two into a byte), tied weights once. What run.config.auto_lr scales by."""
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        state = getattr(p, "quant_state", None)
+        total += math.prod(state.shape) if state is not None else p.numel()
+    return total

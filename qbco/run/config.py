@@ -18,6 +18,26 @@ from qbco.common.files import write_text
 from qbco.model.names import MODEL_ALIASES
 
 BALANCES = ("none", "oversample", "weight")
+
+# The defaults that follow the loss, the file and the model (docs/results.md says what chose them and on what):
+# BCO gets the thumbs-up NLL term at weight 3; the other losses keep their own published loss (their figures in
+# docs/results.md were measured without it). A file gets passes enough to see ROWS_SEEN rows (a fixed epoch count
+# gives a file of 100 rows 12 steps); the learning rate is 1e-3 at 135M parameters, scaled by sqrt(135M / N) above.
+LOSS_SFT_WEIGHT = {"bco": 3.0, "bce": 0.0, "kto": 0.0, "dpo": 0.0}
+ROWS_SEEN, MAX_PASSES = 900, 10
+LR_AT_BASE, BASE_PARAMETERS = 1e-3, 135e6
+
+
+def auto_epochs(rows: int) -> float:
+    """Passes over `rows` training units (rows; pairs under DPO) that see about ROWS_SEEN of them: at least one,
+    at most MAX_PASSES, rounded to 0.01."""
+    return round(min(float(MAX_PASSES), max(1.0, ROWS_SEEN / max(rows, 1))), 2)
+
+
+def auto_lr(parameters: float) -> float:
+    """lr = 1e-3 * min(1, sqrt(135e6 / parameters)), two significant digits: measured at 135M (docs/results.md);
+    above, the square-root rule lands at 2.1e-4 for 3B and 1.4e-4 for 7B, the range LoRA recipes use there."""
+    return float(f"{LR_AT_BASE * min(1.0, (BASE_PARAMETERS / parameters) ** 0.5):.2g}")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 CHECKPOINTING = ("auto", "on", "off")
 
@@ -44,11 +64,17 @@ class TrainConfig:
                            "equally), oversample (repeat minority-class rows, as the paper did for HelpSteer2) or "
                            "weight (class weights from the dataset's shares; see docs/data.md).")
     beta: float = setting(0.1, "Reward scale beta in r = beta * log(pi/pi_ref).")
-    sft_weight: float = setting(0.0, "Add this times the per-token NLL of the thumbs-up completions to the loss "
-                                "(loss.sft_loss), so that good answers gain likelihood (RPO; docs/results.md). 0 is "
-                                "the paper's loss.")
-    lr: float = setting(3e-4, "Peak learning rate of the LoRA weights (AdamW).")
-    epochs: float = setting(1.0, "Passes over the training rows (fractions allowed).")
+    sft_weight: float | None = setting(
+        None, "Add this times the per-token NLL of the thumbs-up completions to the loss (loss.sft_loss), so that "
+        "good answers gain likelihood (RPO; docs/results.md). 0 is the paper's loss (also: --recipe paper).",
+        default_text="3 with bco, measured (docs/results.md); 0 with bce, kto, dpo")
+    lr: float | None = setting(
+        None, "Peak learning rate of the LoRA weights (AdamW).",
+        default_text="auto: 1e-3 for a model of 135M parameters or fewer, 1e-3 x sqrt(135M / N) above (2e-4 at 3B)")
+    epochs: float | None = setting(
+        None, "Passes over the training rows (fractions allowed).",
+        default_text=f"auto: {ROWS_SEEN} rows' worth, at least 1 pass, at most {MAX_PASSES} (1.5 on the demo's 586 rows, "
+                     "9 on 100 rows)")
     max_steps: int | None = setting(None, "Stop after this many optimizer steps.", default_text="all epochs")
     batch_size: int = setting(8, "Rows per micro-batch.")
     grad_accum: int = setting(1, "Micro-batches per optimizer step.")
@@ -90,14 +116,34 @@ class TrainConfig:
                          "FSDP2 (for a base too big for one GPU) instead of a copy per process (DDP). See "
                          "docs/distributed.md.", flag="--fsdp", default_text="DDP")
 
+    def __post_init__(self):
+        if self.sft_weight is None:  # the loss's own default (LOSS_SFT_WEIGHT); an unknown loss fails in validate
+            self.sft_weight = LOSS_SFT_WEIGHT.get(self.loss, 0.0)
+
+    def sized(self, rows: int | None = None, parameters: float | None = None) -> "TrainConfig":
+        """This config with the defaults that follow the file (`rows`: auto_epochs) and the model (`parameters`:
+        auto_lr) filled in where they are unset: what the run folder records, so a resume reads numbers."""
+        epochs = auto_epochs(rows) if self.epochs is None and rows is not None else self.epochs
+        lr = auto_lr(parameters) if self.lr is None and parameters is not None else self.lr
+        return dataclasses.replace(self, epochs=epochs, lr=lr)
+
+    def sized_line(self, rows: int, parameters: float) -> str:
+        """What the sized defaults came to, for the run's first lines (empty when all were given)."""
+        said = [f"sft_weight {self.sft_weight:g} ({self.loss}'s default)"] if self.loss in LOSS_SFT_WEIGHT else []
+        if self.lr is None:
+            said.append(f"lr {auto_lr(parameters):g} ({parameters / 1e6:.0f}M parameters)")
+        if self.epochs is None:
+            said.append(f"epochs {auto_epochs(rows):g} ({rows} training rows: about {ROWS_SEEN} rows' worth)")
+        return "defaults for this file and model: " + ", ".join(said)
+
     def validate(self) -> "TrainConfig":
         from qbco.reward.objectives import OBJECTIVES  # here, not above: it imports torch, and --help reads this module
 
         checks = [
             (self.beta > 0, f"beta must be > 0 (got {self.beta})"),
             (self.sft_weight >= 0, f"sft_weight must be >= 0 (got {self.sft_weight})"),
-            (self.lr > 0, f"lr must be > 0 (got {self.lr})"),
-            (self.epochs > 0, f"epochs must be > 0 (got {self.epochs})"),
+            (self.lr is None or self.lr > 0, f"lr must be > 0 (got {self.lr})"),
+            (self.epochs is None or self.epochs > 0, f"epochs must be > 0 (got {self.epochs})"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 (got {self.max_steps})"),
             (self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1 (got {self.grad_accum})"),
@@ -142,7 +188,7 @@ def check_settings_used(config: TrainConfig, given=()) -> None:
     set away from its default (a recipe). Which loss reads what is said on the objectives (qbco/reward/objectives.py)."""
     from qbco.reward.objectives import OBJECTIVES  # here, not above: it imports torch, and --help reads this module
 
-    defaults = TrainConfig()
+    defaults = TrainConfig(loss=config.loss)
     for name in OBJECTIVES[config.loss].unused_settings():
         if name in given or getattr(config, name) != getattr(defaults, name):
             users = [loss for loss, objective in OBJECTIVES.items() if name in objective.settings]
@@ -175,26 +221,37 @@ def recipes_folder() -> Path:
     return Path(str(resources.files("qbco.recipes")))
 
 
-def choose_recipe(recipe: str | None, model: str | None, data: str | None) -> tuple[Path | None, str | None]:
-    """(the recipe `qbco train` reads, a line naming a matched one). --recipe none: no recipe; a shipped
-    recipe's name or a file: that one. No --recipe: the shipped recipe written for this (model, data) pair,
-    when there is one, so that `--model qwen2.5-3b --data helpsteer2` runs the paper's settings, not the
-    demo's defaults. Flags still override whatever the recipe sets."""
+def choose_recipe(recipe: str | None, model: str | None, data: str | None,
+                  loss: str | None = None) -> tuple[Path | None, str | None]:
+    """(the recipe `qbco train` reads, a line saying what was applied). --recipe none: no recipe; a shipped
+    recipe's name or a file: that one. No --recipe: the shipped recipe written for this (model, data) pair and
+    for the loss asked (`loss`, default bco), when there is one, so that `--model qwen2.5-3b --data helpsteer2`
+    runs the paper's settings. A recipe names the loss it was measured for: another --loss on the same pair gets
+    that loss's defaults, not settings measured for another loss, and the line says so. Flags still override
+    whatever the recipe sets."""
     if recipe is not None:
         if recipe.strip().lower() == "none":
             return None, None
         return shipped_recipes().get(recipe, Path(recipe)), None
     model = model or TrainConfig.model
     data = data or TrainConfig.data
+    asked = loss or TrainConfig.loss
     for name, path in shipped_recipes().items():
         values = read_recipe(path)
-        if _same_model(values.get("model"), model) and values.get("data") == data:
-            defaults = TrainConfig().to_dict()
-            changed = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
-                       if k not in ("model", "data") and defaults.get(k) != v]
-            what = ", ".join(changed) if changed else "the defaults"
-            return path, (f"recipe {name} (shipped for --model {values['model']} --data {data}): {what}; "
-                          "a flag overrides any of it, --recipe none turns it off")
+        if not (_same_model(values.get("model"), model) and values.get("data") == data):
+            continue
+        measured = values.get("loss", TrainConfig.loss)
+        if measured != asked:
+            return None, (f"recipe {name} (shipped for --model {values['model']} --data {data}) was measured for "
+                          f"--loss {measured}, not applied: --loss {asked} runs its own defaults "
+                          f"(sft_weight {LOSS_SFT_WEIGHT.get(asked, 0.0):g}, lr and epochs auto); --recipe {name} "
+                          "applies it anyway")
+        defaults = TrainConfig(loss=measured).to_dict()
+        changed = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
+                   if k not in ("model", "data", "loss") and defaults.get(k) != v]
+        what = ", ".join(changed) if changed else "the defaults"
+        return path, (f"recipe {name} (shipped for --model {values['model']} --data {data} --loss {measured}): "
+                      f"{what}; a flag overrides any of it, --recipe none turns it off")
     return None, None
 
 

@@ -20,7 +20,7 @@ from qbco.common.progress import Wait
 from qbco.data.encoding import Encoded, encode_all, epoch_order
 from qbco.data.feedback import check_data_source, load_feedback
 from qbco.model.device import compute_dtype
-from qbco.model.loading import load_policy
+from qbco.model.loading import load_policy, parameter_count
 from qbco.model.logprobs import reference_logps
 from qbco.model.memory import Plan, estimate
 from qbco.model.names import cache_dir, resolve_model
@@ -109,6 +109,8 @@ def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None
     check_inputs(out, since, saved, inputs)  # before the model loads: an edited file is refused at once
     objective = build_objective(config, train_examples)
     units = objective.units(train_examples)
+    asked = config  # the settings as given: auto ones are said once the model's size is known
+    config = config.sized(rows=len(units))  # auto epochs: from the file's size (run.config.auto_epochs)
     check_processes(parallel, config, units, out, since)
     steps_per_epoch, total_steps = step_counts(config, len(units), parallel.world)
     done = checkpoint_record(since)["step"] if since is not None else 0
@@ -129,6 +131,10 @@ def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None
             f"rows cut into {config.batch_size} per process and micro-step")
     torch.manual_seed(config.seed)  # the LoRA initialisation
     tokenizer, model, base_path = load_policy(config, device)
+    parameters = parameter_count(model)
+    config = config.sized(parameters=parameters)  # auto lr: from the model's size (run.config.auto_lr)
+    if asked.lr is None or asked.epochs is None:
+        log(asked.sized_line(len(units), parameters))
     train_rows, eval_rows = (encode_all(e, tokenizer, config.max_prompt_length, config.max_completion_length)
                              for e in (train_examples, eval_examples))
     dtype = compute_dtype(config.dtype, device)
