@@ -24,6 +24,7 @@ from qbco.common.errors import QbcoError
 from qbco.data import registry
 from qbco.data.binarize import Options, binarize, summary_path
 from qbco.data.layouts import split_transcript, votes
+from qbco.data.rows import Drop
 
 
 def msg(role, content):
@@ -104,8 +105,10 @@ def test_split_transcript():
     assert split_transcript("\n\nHuman: a\n\nAssistant: b") == [user("a"), bot("b")]
     assert split_transcript("Human: a\n\nAssistant: b c\n\nd") == [user("a"), bot("b c\n\nd")]
     for bad in ("no markers", "\n\nAssistant: b", "\n\nHuman: a", "preamble\n\nHuman: a\n\nAssistant: b"):
-        with pytest.raises(Exception):
+        with pytest.raises(Drop, match="malformed messages"):
             split_transcript(bad)
+    with pytest.raises(Drop, match="empty response"):
+        split_transcript("\n\nHuman: a\n\nAssistant:")
 
 
 @pytest.mark.parametrize("options", [Options(), Options(mode="pairs"), Options(layout="hh-rlhf")])
