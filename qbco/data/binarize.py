@@ -137,6 +137,8 @@ def binarize_rows(open_rows: RowSource, origin: str, options: Options, summary: 
     first = next(iter(open_rows()), None)
     if first is None:
         raise QbcoError(f"{origin}: no rows")
+    if options.mode is not None and options.mode not in MODES:
+        raise QbcoError(f"unknown mode {options.mode!r} (use {', '.join(MODES)})")
     layout, mode = choose(first[1], options.layout, options.mode, options.threshold is not None, origin)
     _check_options(options, mode)
     threshold = DEFAULT_THRESHOLD if options.threshold is None else float(options.threshold)
@@ -225,15 +227,12 @@ def binarize_rows(open_rows: RowSource, origin: str, options: Options, summary: 
 
 
 def _check_options(options: Options, mode: str) -> None:
-    if options.mode is not None and options.mode not in MODES:
-        raise QbcoError(f"unknown mode {options.mode!r} (use {', '.join(MODES)})")
-    if mode not in SCORED_MODES:
-        for value, flag in ((options.threshold, "--threshold"), (options.scale, "--scale")):
+    if mode not in SCORED_MODES:  # the label comes from the data: chosen/rejected, votes, a thumbs rating
+        given = "chosen/rejected" if mode == "pairs" else f"the {mode}"
+        for value, flag in ((options.threshold, "--threshold"), (options.scale, "--scale"),
+                            (options.dpo_prompts_only or None, "--dpo-prompts-only")):
             if value is not None:
-                raise QbcoError(f"{flag} is for scored rows; with --pairs the label comes from chosen/rejected"
-                                if mode == "pairs" else f"{flag} is for scored rows; here the label comes from the {mode}")
-        if options.dpo_prompts_only:
-            raise QbcoError("--dpo-prompts-only is for scored rows; with --pairs every prompt already has a pair")
+                raise QbcoError(f"{flag} is for scored rows; here the label comes from {given}")
     if mode == "pairs-from-scores" and options.threshold is not None:
         raise QbcoError("--threshold has no effect with --pairs-from-scores: the higher-scored response of a "
                         "prompt is thumbs-up, the lower thumbs-down")
