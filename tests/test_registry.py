@@ -60,7 +60,10 @@ def fake_hub(monkeypatch):
 
 
 def test_names():
-    assert list(registry.DATASETS) == ["helpsteer2", "ultrafeedback", "capybara"]
+    assert list(registry.DATASETS) == ["helpsteer2", "ultrafeedback", "capybara", "hh-rlhf", "ultrafeedback-h4",
+                                       "ultrafeedback-ratings", "shp", "oasst1", "oasst2"]
+    assert {spec.layout for spec in registry.DATASETS.values()} == {"likert", "pairs", "hh-rlhf", "ultrafeedback",
+                                                                    "shp", "oasst"}
     assert registry.DATASETS["helpsteer2"].hub_id == "nvidia/HelpSteer2"
     assert registry.DATASETS["ultrafeedback"].hub_id == "trl-lib/ultrafeedback_binarized"
     assert registry.DATASETS["capybara"].hub_id == "trl-lib/Capybara-Preferences"

@@ -171,24 +171,27 @@ def binarize(
     scale: Optional[str] = typer.Option(None, help="MIN-MAX of the scores, e.g. 0-4; a score outside it is an error (default: inferred and printed)."),
     prompt_column: Optional[str] = typer.Option(None, help="Prompt column (default: prompt)."),
     response_column: Optional[str] = typer.Option(None, help="Response column (default: response, then completion)."),
+    layout: Optional[str] = typer.Option(None, help=f"How the input is laid out: {', '.join(binarizer.layout_names())} (default: told from the columns; docs/data.md)."),
     pairs: bool = typer.Option(False, "--pairs", help="Rows with prompt, chosen, rejected: chosen -> thumbs-up, rejected -> thumbs-down."),
     pairs_from_scores: bool = typer.Option(False, "--pairs-from-scores", help="Scored rows sharing a prompt: the higher score -> thumbs-up, the lower -> thumbs-down; ties dropped."),
     dpo_prompts_only: bool = typer.Option(False, "--dpo-prompts-only", help="Keep only prompts whose responses form a preference pair (scores differ), as the paper did to compare with DPO."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first defective row (empty, missing or non-numeric score, duplicate) instead of dropping it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
 ) -> None:
-    """Turn Likert scores or chosen/rejected pairs into the thumbs-up/down rows `qbco train` reads."""
+    """Turn published feedback (scores, pairs, transcripts, ratings, votes, thumbs exports) into the thumbs-up/down rows `qbco train` reads."""
     with user_errors():
         if pairs and pairs_from_scores:
             raise QbcoError("--pairs and --pairs-from-scores exclude each other; pick one")
-        mode = "pairs" if pairs else "pairs-from-scores" if pairs_from_scores else "likert"
+        mode = "pairs" if pairs else "pairs-from-scores" if pairs_from_scores else None  # None: the layout's own
         options = binarizer.Options(
-            mode=mode, score_column=score, threshold=threshold,
+            mode=mode, layout=layout, score_column=score, threshold=threshold,
             scale=binarizer.parse_scale(scale) if scale is not None else None,
             prompt_column=prompt_column, response_column=response_column,
             dpo_prompts_only=dpo_prompts_only, strict=strict,
         )
         summary = binarizer.binarize(input, output, options, fmt=format, overwrite=overwrite)
+    if summary.mostly_dropped:  # the first line printed, before the table
+        console.print(f"[bold yellow]warning:[/] {escape(summary.mostly_dropped)}", highlight=False, soft_wrap=True)
     Console().print(tables.binarize_table(summary))
 
 

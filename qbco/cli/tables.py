@@ -12,8 +12,9 @@ def binarize_table(summary):
     table = Table(title=f"qbco binarize: {summary.output or summary.input}", show_header=False)
     share = f"{summary.up_share:.1%}" if summary.up_share is not None else "-"
     rows = [
+        ("layout", f"{summary.layout}: {summary.rule}" if summary.layout else "-"),
         ("mode", summary.mode + (f" ({summary.passes} passes over the input)" if summary.passes > 1 else "")),
-        ("columns", ", ".join(f"{k}={v}" for k, v in summary.columns.items())),
+        ("columns", ", ".join(f"{k}={v}" for k, v in summary.columns.items()) or "as published"),
     ]
     if summary.threshold is not None:
         rows.append(("thumbs-up when", f"{summary.columns.get('score')} >= {summary.threshold:g}"))

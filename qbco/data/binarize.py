@@ -1,68 +1,58 @@
-"""Turn Likert scores and preference pairs into the thumbs-up / thumbs-down rows `qbco train` reads.
+"""Turn feedback as it is published (Likert scores, preference pairs, transcripts, ratings per completion,
+votes, thumbs from a chat front-end) into the thumbs-up / thumbs-down rows `qbco train` reads.
+
+The layout of the input is told from its columns (qbco.data.layouts; --layout forces one); the layout turns
+each input row into candidates, and the mode decides the labels the layout leaves open (a threshold, or the
+pairing by score). Every candidate is written or counted under one reason.
 
 Everything streams: rows are read one at a time and written as they come, so memory does not grow with
 the size of the text. What does grow with the number of rows is small and said where it is kept: one
 16-byte digest per distinct output row (duplicate detection), one per distinct prompt (the summary's
 prompt counts) and, in the modes that group rows by prompt, one small record per distinct prompt. Those
 modes read the input twice (a file can be re-read; a hub dataset can be re-iterated) instead of holding
-rows in memory.
+rows in memory. A conversation tree (oasst) is read three times: two passes index the text of the messages
+that others answer, which is held.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import numbers
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterator
 
 from qbco.common.errors import QbcoError
 from qbco.common.files import write_temp
+from qbco.data.layouts import LAYOUTS, Columns, RowSource, choose
 from qbco.data.reader import detect_format, iter_rows
+from qbco.data.rows import (  # noqa: F401  (split_nemo_turns, normalize_prompt: their home was here)
+    DEFECTS,
+    DUPLICATE,
+    NO_PAIR,
+    NOT_IN_PAIR,
+    SAME_PAIR,
+    TIE,
+    Drop,
+    digest,
+    is_multi_turn,
+    normalize_prompt,
+    split_nemo_turns,
+)
 
-MODES = ("likert", "pairs", "pairs-from-scores")
+MODES = ("likert", "pairs", "pairs-from-scores", "votes", "ratings")
+SCORED_MODES = ("likert", "pairs-from-scores")  # the modes that label by score; the others take the layout's label
 DEFAULT_THRESHOLD = 4.0  # HelpSteer2 helpfulness 0-4: 4 is thumbs-up, 0-3 thumbs-down (the paper's mapping)
-SCORE_COLUMNS = ("helpfulness", "score", "rating")
-RESPONSE_COLUMNS = ("response", "completion")
-PAIR_SCORE_COLUMNS = (("score_chosen", "score_rejected"), ("rating_chosen", "rating_rejected"))
-# HelpSteer2 keeps the earlier turns of a multi-turn conversation (about 29% of its prompts) in the `prompt`
-# string, each later turn opened by a line "<extra_id_1>Assistant" or "<extra_id_1>User" (NeMo's chat
-# markers; its dataset card): "{user turn 1}\n<extra_id_1>Assistant\n{assistant turn 1}\n<extra_id_1>User\n
-# {user turn 2}". Read as one user message, the model would train on the markers (docs/pitfalls.md, 16).
-NEMO_TURN = re.compile(r"(?:^|\r?\n)<extra_id_1>(User|Assistant)[ \t]*(?:\r?\n|$)")
-
-# Why a candidate row was not written. The first group are defects in the data: --strict stops on them.
-EMPTY_PROMPT = "empty prompt"
-EMPTY_RESPONSE = "empty response"
-MISSING_SCORE = "missing score"
-NON_NUMERIC_SCORE = "non-numeric score"
-DUPLICATE = "duplicate"
-MALFORMED = "malformed messages"
-SAME_PAIR = "chosen equals rejected"
-DEFECTS = (EMPTY_PROMPT, EMPTY_RESPONSE, MISSING_SCORE, NON_NUMERIC_SCORE, DUPLICATE, MALFORMED, SAME_PAIR)
-# ...the second group are drops by design of the pairing modes; --strict lets them pass.
-TIE = "tied scores"
-NO_PAIR = "prompt without a pair"
-NOT_IN_PAIR = "not in pair"
-
-
-class Drop(Exception):
-    """A candidate row that is not written, and why (one of the reasons above)."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+MOSTLY_DROPPED = 0.5  # a run that drops more than this share of its candidates says so first
 
 
 @dataclass
 class Options:
     """What `qbco binarize` does; the CLI flags map 1:1 onto these fields."""
 
-    mode: str = "likert"  # likert | pairs | pairs-from-scores
+    mode: str | None = None  # likert | pairs | pairs-from-scores (votes, ratings: the layout's); None: the layout's default
+    layout: str | None = None  # one of qbco.data.layouts.LAYOUTS; None: told from the first row's columns
     score_column: str | None = None  # default: the first of SCORE_COLUMNS present
     threshold: float | None = None  # likert: score >= threshold is thumbs-up; default DEFAULT_THRESHOLD
     scale: tuple[float, float] | None = None  # given: a score outside it is an error; None: inferred, reported
@@ -78,9 +68,11 @@ class Summary:
 
     input: str
     output: str | None
-    mode: str
+    mode: str | None
+    layout: str | None = None
+    rule: str | None = None  # how the layout's rows become thumbs, in words
     rows_read: int = 0
-    candidates: int = 0  # rows that could be written: one per input row, two per pair; = written + dropped
+    candidates: int = 0  # rows that could be written (one per scored row, two per pair, ...) = written + dropped
     rows_written: int = 0
     thumbs_up: int = 0
     thumbs_down: int = 0
@@ -105,14 +97,23 @@ class Summary:
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
+    def drops_text(self) -> str:
+        """'empty prompt 6, duplicate 1', largest first."""
+        return ", ".join(f"{reason} {n}" for reason, n in sorted(self.dropped.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    @property
+    def mostly_dropped(self) -> str | None:
+        """One line when more than half of the candidates were dropped (None otherwise)."""
+        if not self.candidates or self.dropped_total <= MOSTLY_DROPPED * self.candidates:
+            return None
+        return (f"{self.dropped_total} of {self.candidates} candidate rows ({self.dropped_total / self.candidates:.0%}) "
+                f"were dropped, read as layout {self.layout}: {self.drops_text()}")
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["up_share"] = self.up_share
         out["dropped_total"] = self.dropped_total
         return out
-
-
-# ---------------------------------------------------------------- row-level conversion (shared with registry)
 
 
 def parse_scale(text: str) -> tuple[float, float]:
@@ -123,244 +124,50 @@ def parse_scale(text: str) -> tuple[float, float]:
     return float(m.group(1)), float(m.group(2))
 
 
-def parse_score(value: Any) -> int | float:
-    """A number from an int, a float or numeric text; integral values come back as int."""
-    if value is None:
-        raise Drop(MISSING_SCORE)
-    if isinstance(value, bool):
-        raise Drop(NON_NUMERIC_SCORE)
-    if isinstance(value, numbers.Real):
-        x = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        if not text:
-            raise Drop(MISSING_SCORE)
-        try:
-            x = float(text)
-        except ValueError:
-            raise Drop(NON_NUMERIC_SCORE) from None
-    else:
-        raise Drop(NON_NUMERIC_SCORE)
-    if math.isnan(x):  # pandas writes a missing number as NaN / "nan"
-        raise Drop(MISSING_SCORE)
-    if math.isinf(x):
-        raise Drop(NON_NUMERIC_SCORE)
-    return int(x) if x.is_integer() else x
-
-
-def _message(m: Any) -> dict[str, str]:
-    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-        raise Drop(MALFORMED)
-    return {"role": m["role"], "content": m["content"]}
-
-
-def split_nemo_turns(text: str) -> list[dict[str, str]] | None:
-    """A HelpSteer2 prompt with earlier turns as chat messages: user and assistant alternating, ending with
-    the user turn that the response answers. None when the text holds no turn marker; Drop(MALFORMED) when
-    the turns do not alternate that way or one is empty."""
-    parts = NEMO_TURN.split(text)
-    if len(parts) == 1:
-        return None
-    first, rest = parts[0], parts[1:]
-    messages = [{"role": "user", "content": first}] if first.strip() else []
-    messages += [{"role": role.lower(), "content": content} for role, content in zip(rest[::2], rest[1::2])]
-    expected = ["user", "assistant"] * len(messages)
-    if (not messages or [m["role"] for m in messages] != expected[: len(messages)] or messages[-1]["role"] != "user"
-            or not all(m["content"].strip() and "<extra_id_1>" not in m["content"] for m in messages)):
-        raise Drop(MALFORMED)
-    return messages
-
-
-def is_multi_turn(prompt: Any) -> bool:
-    return isinstance(prompt, list) and any(m["role"] == "assistant" for m in prompt)
-
-
-def normalize_prompt(value: Any) -> str | list[dict[str, str]]:
-    """A prompt as text, or as a list of {role, content} chat messages (kept as a list). Text with
-    HelpSteer2's turn markers becomes the messages it holds (split_nemo_turns)."""
-    if value is None:
-        raise Drop(EMPTY_PROMPT)
-    if isinstance(value, str):
-        if not value.strip():
-            raise Drop(EMPTY_PROMPT)
-        return split_nemo_turns(value) or value
-    if isinstance(value, (list, tuple)):
-        messages = [_message(m) for m in value]
-        if not any(m["content"].strip() for m in messages):
-            raise Drop(EMPTY_PROMPT)
-        return messages
-    raise Drop(MALFORMED)
-
-
-def split_conversation(value: Any, prompt: Any = None) -> tuple[Any, str]:
-    """(prompt, completion text) from a response: text, or TRL's message list.
-
-    A message list ends with the assistant turn that is the completion. The turns before it are the
-    prompt (TRL's implicit-prompt format: the full conversation); when a separate prompt exists and the
-    list holds only the answer (TRL's explicit-prompt format), that prompt is used. Empty or missing
-    parts raise Drop with the reason.
-    """
-    if value is None:
-        raise Drop(EMPTY_RESPONSE)
-    if isinstance(value, str):
-        completion = value
-        prefix: list[dict[str, str]] = []
-    elif isinstance(value, (list, tuple)):
-        messages = [_message(m) for m in value]
-        if not messages:
-            raise Drop(EMPTY_RESPONSE)
-        if messages[-1]["role"] != "assistant":
-            raise Drop(MALFORMED)
-        completion, prefix = messages[-1]["content"], messages[:-1]
-    else:
-        raise Drop(MALFORMED)
-    if prefix:
-        given = _as_messages(prompt) if _present(prompt) else []
-        # The earlier turns either repeat the prompt (full conversation) or continue it.
-        prompt = prefix if prefix[: len(given)] == given else given + prefix
-    prompt = normalize_prompt(prompt)
-    if not completion.strip():
-        raise Drop(EMPTY_RESPONSE)
-    return prompt, completion
-
-
-def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, str) and not value.strip())
-
-
-def _as_messages(prompt: Any) -> list[dict[str, str]]:
-    if isinstance(prompt, str):
-        return split_nemo_turns(prompt) or [{"role": "user", "content": prompt}]
-    return [_message(m) for m in prompt] if isinstance(prompt, (list, tuple)) else []
-
-
-def _digest(*parts: Any) -> bytes:
-    """16 bytes that stand for the parts; kept instead of the text so duplicate detection stays small."""
-    text = json.dumps(parts, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-
-
-@dataclass
-class Columns:
-    prompt: str | None
-    response: str | None = None
-    score: str | None = None
-    chosen: str | None = None
-    rejected: str | None = None
-    score_chosen: str | None = None
-    score_rejected: str | None = None
-
-
-def resolve_columns(keys: Iterable[str], options: Options, origin: str) -> Columns:
-    """The columns to read, from the first row's keys and the options; a missing one is an error that lists
-    the columns found."""
-    keys = list(keys)
-    found = ", ".join(map(str, keys)) or "none"
-
-    def need(name: str, flag: str) -> str:
-        if name not in keys:
-            raise QbcoError(f"{origin}: no column '{name}' (found: {found}); pass {flag}")
-        return name
-
-    if options.mode == "pairs":
-        prompt = options.prompt_column or "prompt"
-        if options.prompt_column:
-            need(prompt, "--prompt-column")
-        scores = next(((c, r) for c, r in PAIR_SCORE_COLUMNS if c in keys and r in keys), (None, None))
-        return Columns(
-            prompt=prompt if prompt in keys else None,  # optional: TRL's implicit-prompt rows have none
-            chosen=need("chosen", "rows with prompt, chosen, rejected"),
-            rejected=need("rejected", "rows with prompt, chosen, rejected"),
-            score_chosen=scores[0], score_rejected=scores[1],
-        )
-    prompt = need(options.prompt_column or "prompt", "--prompt-column")
-    if options.response_column:
-        response = need(options.response_column, "--response-column")
-    else:
-        response = next((c for c in RESPONSE_COLUMNS if c in keys), None)
-        if response is None:
-            raise QbcoError(f"{origin}: no response column ({' or '.join(RESPONSE_COLUMNS)}; found: {found}); "
-                            "pass --response-column")
-    if options.score_column:
-        score = need(options.score_column, "--score")
-    else:
-        score = next((c for c in SCORE_COLUMNS if c in keys), None)
-        if score is None:
-            hint = " (for chosen/rejected rows use --pairs)" if "chosen" in keys else ""
-            raise QbcoError(f"{origin}: no score column ({', '.join(SCORE_COLUMNS)}; found: {found}); "
-                            f"pass --score{hint}")
-    return Columns(prompt=prompt, response=response, score=score)
-
-
-def likert_fields(row: dict[str, Any], cols: Columns, scale: tuple[float, float] | None, where: str):
-    """(prompt, completion, score) of a scored row; Drop when it is defective, QbcoError when its score is
-    outside a given scale."""
-    prompt, completion = split_conversation(row.get(cols.response), row.get(cols.prompt))
-    score = parse_score(row.get(cols.score))
-    if scale is not None and not scale[0] <= score <= scale[1]:
-        raise QbcoError(f"{where}: {cols.score} = {score} is outside the scale {format_scale(scale)}; "
-                        "fix the row or pass the right --scale")
-    return prompt, completion, score
-
-
-def pair_candidates(row: dict[str, Any], cols: Columns) -> list[tuple[bool, Any]]:
-    """[(True, fields or Drop), (False, fields or Drop)] for a chosen/rejected row, fields being
-    (prompt, completion, score)."""
-    prompt = row.get(cols.prompt) if cols.prompt else None
-    out: list[tuple[bool, Any]] = []
-    for label, column, score_column in ((True, cols.chosen, cols.score_chosen),
-                                        (False, cols.rejected, cols.score_rejected)):
-        try:
-            p, c = split_conversation(row.get(column), prompt)
-            score = None
-            if score_column:
-                try:
-                    score = parse_score(row.get(score_column))
-                except Drop:  # a pair's scores are informative only; the label comes from the pair
-                    score = None
-            out.append((label, (p, c, score)))
-        except Drop as drop:
-            out.append((label, drop))
-    if not isinstance(out[0][1], Drop) and not isinstance(out[1][1], Drop):
-        if _digest(out[0][1][0], out[0][1][1]) == _digest(out[1][1][0], out[1][1][1]):
-            out = [(True, Drop(SAME_PAIR)), (False, Drop(SAME_PAIR))]
-    return out
-
-
 # ---------------------------------------------------------------- the binarizer
-
-
-RowSource = Callable[[], Iterable[tuple[int, dict[str, Any]]]]
 
 
 def binarize_rows(open_rows: RowSource, origin: str, options: Options, summary: Summary) -> Iterator[dict[str, Any]]:
     """Output rows (prompt, completion, label, score, source) from input rows, counting into `summary`.
 
     `open_rows` returns a fresh iterator of (row number, row) each call; the modes that group by prompt
-    call it twice. `origin` names the input in `source` ("file.csv:12") and in messages.
+    and the layouts that index the input call it more than once. `origin` names the input in `source`
+    ("file.csv:12") and in messages. Ending with no row written is a QbcoError with the drops by reason.
     """
-    _check_options(options)
+    first = next(iter(open_rows()), None)
+    if first is None:
+        raise QbcoError(f"{origin}: no rows")
+    if options.mode is not None and options.mode not in MODES:
+        raise QbcoError(f"unknown mode {options.mode!r} (use {', '.join(MODES)})")
+    layout, mode = choose(first[1], options.layout, options.mode, options.threshold is not None, origin)
+    _check_options(options, mode)
     threshold = DEFAULT_THRESHOLD if options.threshold is None else float(options.threshold)
-    summary.mode = options.mode
-    if options.mode == "likert":
+    summary.mode, summary.layout, summary.rule = mode, layout.name, layout.rule
+    if mode == "likert":
         summary.threshold = threshold
     if options.scale is not None:
         summary.scale, summary.scale_source = list(options.scale), "given"
-        if options.mode == "likert" and not options.scale[0] < threshold <= options.scale[1]:
+        if mode == "likert" and not options.scale[0] < threshold <= options.scale[1]:
             every = "up" if threshold <= options.scale[0] else "down"
             raise QbcoError(f"--threshold {threshold:g} with --scale {format_scale(options.scale)} makes every row "
                             f"thumbs-{every}; pick a threshold inside the scale")
 
-    first = next(iter(open_rows()), None)
-    if first is None:
-        raise QbcoError(f"{origin}: no rows")
-    cols = resolve_columns(first[1].keys(), options, origin)
-    summary.columns = {k: v for k, v in asdict(cols).items() if v is not None}
+    setup = layout.setup(list(first[1].keys()), options, origin)
+    if isinstance(setup, Columns):  # the layouts whose columns may be chosen with flags
+        summary.columns = {k: v for k, v in asdict(setup).items() if v is not None and k != "scale"}
+    elif isinstance(setup, str):  # ultrafeedback: the completion's score
+        summary.columns = {"score": setup}
+    if layout.index is not None:
+        setup = layout.index(open_rows, setup)
+        summary.passes += 2
+
+    def candidates(row: dict, where: str) -> list:
+        return layout.read(row, setup, where)
 
     groups = None
-    if options.mode == "pairs-from-scores" or (options.mode == "likert" and options.dpo_prompts_only):
-        groups = _group_by_prompt(open_rows, cols, options, origin)
-        summary.passes = 2
+    if mode == "pairs-from-scores" or (mode == "likert" and options.dpo_prompts_only):
+        groups = _group_by_prompt(open_rows, candidates, origin)
+        summary.passes += 1
 
     seen: set[bytes] = set()  # one 16-byte digest per distinct row: ~100 bytes each, never the text
     prompts: set[bytes] = set()  # and one per distinct prompt written
@@ -375,23 +182,16 @@ def binarize_rows(open_rows: RowSource, origin: str, options: Options, summary: 
         summary.rows_read += 1
         where = f"{origin} row {n}"
         source = f"{origin}:{n}"
-        if options.mode == "pairs":
-            candidates = pair_candidates(row, cols)
-        else:
-            try:
-                prompt, completion, score = likert_fields(row, cols, options.scale, where)
-                candidates = [(None, (prompt, completion, score))]
-                lo = score if lo is None else min(lo, score)
-                hi = score if hi is None else max(hi, score)
-            except Drop as drop:
-                candidates = [(None, drop)]
-        for label, fields in candidates:
+        for i, (label, fields) in enumerate(candidates(row, where)):
             summary.candidates += 1
             if isinstance(fields, Drop):
                 reject(fields.reason, where)
                 continue
             prompt, completion, score = fields
-            key = _digest(prompt, completion, score) if label is None else _digest(prompt, completion, label, score)
+            if label is None:  # a scored candidate: its score enters the scale
+                lo = score if lo is None else min(lo, score)
+                hi = score if hi is None else max(hi, score)
+            key = digest(prompt, completion, score) if label is None else digest(prompt, completion, label, score)
             if key in seen:
                 reject(DUPLICATE, where)
                 continue
@@ -399,13 +199,13 @@ def binarize_rows(open_rows: RowSource, origin: str, options: Options, summary: 
             if label is None and groups is None:  # a scored row: the threshold decides
                 label = score >= threshold
             elif label is None:  # a scored row in a pairing mode: its prompt's pair decides
-                label, reason = _group_label(groups[_digest(prompt)], n, score, threshold, options.mode)
+                label, reason = _group_label(groups[digest(prompt)], (n, i), score, threshold, mode)
                 if reason:
                     reject(reason, where)
                     continue
             summary.rows_written += 1
-            if _digest(prompt) not in prompts:
-                prompts.add(_digest(prompt))
+            if digest(prompt) not in prompts:
+                prompts.add(digest(prompt))
                 summary.prompts += 1
                 summary.multi_turn_prompts += is_multi_turn(prompt)
             summary.thumbs_up += bool(label)
@@ -415,60 +215,62 @@ def binarize_rows(open_rows: RowSource, origin: str, options: Options, summary: 
     if summary.scale is None and lo is not None:
         summary.scale, summary.scale_source = [lo, hi], "inferred"
     if summary.rows_written == 0:
-        summary.warnings.append("no row was written; see the drops by reason")
-    elif summary.thumbs_up == 0 or summary.thumbs_down == 0:
+        drops = summary.drops_text() or "none"
+        raise QbcoError(f"{origin}: no row written, read as layout {layout.name} ({summary.rows_read} rows read, "
+                        f"{summary.candidates} candidates; dropped: {drops}); nothing was written")
+    if summary.mostly_dropped:
+        summary.warnings.append(summary.mostly_dropped)
+    if summary.thumbs_up == 0 or summary.thumbs_down == 0:
         only = "up" if summary.thumbs_down == 0 else "down"
-        hint = f" (threshold {threshold:g}, scores {format_scale(summary.scale)})" if options.mode == "likert" else ""
+        hint = f" (threshold {threshold:g}, scores {format_scale(summary.scale)})" if mode == "likert" else ""
         summary.warnings.append(f"every written row is thumbs-{only}{hint}; BCO needs both")
 
 
-def _check_options(options: Options) -> None:
-    if options.mode not in MODES:
-        raise QbcoError(f"unknown mode {options.mode!r} (use {', '.join(MODES)})")
-    if options.mode == "pairs":
-        for value, flag in ((options.score_column, "--score"), (options.response_column, "--response-column"),
-                            (options.threshold, "--threshold"), (options.scale, "--scale")):
+def _check_options(options: Options, mode: str) -> None:
+    if mode not in SCORED_MODES:  # the label comes from the data: chosen/rejected, votes, a thumbs rating
+        given = "chosen/rejected" if mode == "pairs" else f"the {mode}"
+        for value, flag in ((options.threshold, "--threshold"), (options.scale, "--scale"),
+                            (options.dpo_prompts_only or None, "--dpo-prompts-only")):
             if value is not None:
-                raise QbcoError(f"{flag} is for scored rows; with --pairs the label comes from chosen/rejected")
-        if options.dpo_prompts_only:
-            raise QbcoError("--dpo-prompts-only is for scored rows; with --pairs every prompt already has a pair")
-    if options.mode == "pairs-from-scores" and options.threshold is not None:
+                raise QbcoError(f"{flag} is for scored rows; here the label comes from {given}")
+    if mode == "pairs-from-scores" and options.threshold is not None:
         raise QbcoError("--threshold has no effect with --pairs-from-scores: the higher-scored response of a "
                         "prompt is thumbs-up, the lower thumbs-down")
 
 
-def _group_by_prompt(open_rows: RowSource, cols: Columns, options: Options, origin: str) -> dict[bytes, list]:
+def _group_by_prompt(open_rows: RowSource, candidates, origin: str) -> dict[bytes, list]:
     """First pass of the pairing modes: per distinct prompt (by digest) the number of usable responses and
-    the row numbers, scores and response digests of its best and worst one. Memory: a few hundred bytes
-    per distinct prompt, whatever the length of the text. Rows that the second pass will drop (defects,
-    duplicates) are skipped here the same way, so both passes agree."""
+    the places ((row, candidate) numbers), scores and response digests of its best and worst one (ties: the
+    first in file order). Memory: a few hundred bytes per distinct prompt, whatever the length of the text.
+    Candidates that the second pass will drop (defects, duplicates) are skipped here the same way, so both
+    passes agree."""
     groups: dict[bytes, list] = {}
     seen: set[bytes] = set()
     for n, row in open_rows():
-        try:
-            prompt, completion, score = likert_fields(row, cols, options.scale, f"{origin} row {n}")
-        except Drop:
-            continue
-        key = _digest(prompt, completion, score)
-        if key in seen:
-            continue
-        seen.add(key)
-        response = _digest(completion)
-        g = groups.get(_digest(prompt))
-        if g is None:  # [count, best score, best row, best response, worst score, worst row, worst response]
-            groups[_digest(prompt)] = [1, score, n, response, score, n, response]
-            continue
-        g[0] += 1
-        if score > g[1]:
-            g[1:4] = [score, n, response]
-        if score < g[4]:
-            g[4:7] = [score, n, response]
+        for i, (label, fields) in enumerate(candidates(row, f"{origin} row {n}")):
+            if isinstance(fields, Drop) or label is not None:
+                continue
+            prompt, completion, score = fields
+            key = digest(prompt, completion, score)
+            if key in seen:
+                continue
+            seen.add(key)
+            response, place = digest(completion), (n, i)
+            g = groups.get(digest(prompt))
+            if g is None:  # [count, best score, best place, best response, worst score, worst place, worst response]
+                groups[digest(prompt)] = [1, score, place, response, score, place, response]
+                continue
+            g[0] += 1
+            if score > g[1]:
+                g[1:4] = [score, place, response]
+            if score < g[4]:
+                g[4:7] = [score, place, response]
     return groups
 
 
-def _group_label(g: list, n: int, score: float, threshold: float, mode: str) -> tuple[bool | None, str | None]:
+def _group_label(g: list, place: tuple[int, int], score: float, threshold: float, mode: str) -> tuple[bool | None, str | None]:
     """(label, None) to write the row, (None, reason) to drop it."""
-    count, best, best_row, best_response, worst, worst_row, worst_response = g
+    count, best, best_place, best_response, worst, worst_place, worst_response = g
     if count == 1:
         return None, NO_PAIR
     if best == worst:
@@ -477,15 +279,19 @@ def _group_label(g: list, n: int, score: float, threshold: float, mode: str) -> 
         return score >= threshold, None
     if best_response == worst_response:  # one response scored twice, differently: no real pair
         return None, SAME_PAIR
-    if n == best_row:
+    if place == best_place:
         return True, None
-    if n == worst_row:
+    if place == worst_place:
         return False, None
     return None, NOT_IN_PAIR
 
 
 def format_scale(scale) -> str:
     return "?" if not scale else f"{scale[0]:g}-{scale[1]:g}"
+
+
+def layout_names() -> list[str]:
+    return list(LAYOUTS)
 
 
 # ---------------------------------------------------------------- files

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Hashable, Sequence
 
 from qbco.common.errors import QbcoError
-from qbco.data import registry
+from qbco.data import layouts, registry
 from qbco.data.reader import FORMATS, read_rows
 
 # "1.0" / "0.0": pandas writes a label column as floats once any cell of it is missing, and so it goes to CSV.
@@ -64,7 +64,10 @@ def rows_to_examples(rows: list[dict[str, Any]], origin: str, labels: bool = Tru
         missing = [c for c in ("prompt", "completion", "label") if c not in row and (labels or c != "label")]
         if missing:
             found = ", ".join(map(str, row.keys())) or "none"
-            raise QbcoError(f"{origin}: row {i}: missing column(s) {', '.join(missing)} (found: {found})")
+            published = layouts.detect(row)
+            hint = (f"; these rows are in the {published} layout: qbco binarize {origin} -o thumbs.jsonl turns them "
+                    "into thumbs" if published else "")
+            raise QbcoError(f"{origin}: row {i}: missing column(s) {', '.join(missing)} (found: {found}){hint}")
         prompt, completion = row["prompt"], _completion_text(row["completion"])
         try:
             label = None if not labels and row.get("label") in (None, "") else normalize_label(row["label"])
