@@ -10,8 +10,9 @@
 
 Answers come from the run's fp32 twin (the NF4 weights dequantized, the adapter merged in fp32: the same
 model, fast on a CPU; its rewards are compared with the 4-bit model's in the output). The demo's tasks are
-checked by `correct` below: a checker written for this measurement (issue 12 adds qbco/eval/tasks.py), which
-agrees with the demo's own labels on its rows (also in the output).
+checked by qbco's one checker (qbco.eval.tasks.passes with each row's check, as `qbco eval --generate` judges),
+which agrees with the demo's own labels on every row (also in the output). Best-of-N is ranked two ways: by the
+run's reward r (a sum over the answer's tokens) and by r per token (r / tokens).
 
     qbco score RUN --data demo -o scored.jsonl
     OMP_NUM_THREADS=1 python scripts/measure_score.py RUN --scored scored.jsonl --out figures.json [--per-task 5] [--n 8] [--models tuned]
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -31,72 +31,26 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import make_demo  # noqa: E402  (the demo's own task tables: the truth the checker compares with)
 
-# ---------------------------------------------------------------- the demo's tasks, checked
-
-
-def _numbers(text: str) -> list[str]:
-    return re.findall(r"-?\d+", re.sub(r"(?<=\d),(?=\d{3})", "", text))
-
-
-def _quoted(text: str) -> list[str]:
-    return re.findall(r"'([^']+)'", text)
-
-
-def _bare(text: str) -> str:
-    return text.strip().rstrip(".!").strip()
-
-
-def _has_word(text: str, word: str) -> bool:
-    return re.search(rf"(?<![A-Za-z]){re.escape(word.lower())}(?![A-Za-z])", text.lower()) is not None
-
-
-POOLS = {cat: {w.lower() for w in pool} for cat, pool in make_demo.LIST_CATEGORIES}
-
-
-def correct(item: dict, answer: str) -> bool:
-    """Whether `answer` is a right answer to the demo item, as strictly as the demo's feedback judges it
-    (format tasks want exactly the format asked for)."""
-    task, prompt, up = item["task"], item["prompt"], item["up"]
-    if task in ("arithmetic", "units") or prompt.startswith("How many letters"):
-        found = _numbers(answer)
-        return bool(found) and found[-1] == _numbers(up)[-1]
-    if task == "capitals":
-        country = re.sub(r"[?.]$", "", prompt.split(" of ", 1)[1])
-        capital = next(cap for c, cap, _ in make_demo.CAPITALS if c == country)
-        return _has_word(answer, capital.split(",")[0])
-    if task == "spelling":
-        good, = _quoted(up)
-        bad = next(w for w in _quoted(prompt) if w != good)
-        return _has_word(answer, good) and not _has_word(answer, bad)
-    if task == "opposites":
-        antonym = _quoted(up)[-1]
-        return _has_word(answer, antonym)
-    # format
-    if prompt.startswith("Answer with only yes or no"):
-        return _bare(answer).lower() == _bare(up).lower()
-    if prompt.startswith("Write the"):
-        return _bare(answer) == _bare(up)
-    match = re.match(r"List (\w+) (.+), separated by (commas|semicolons)\.", prompt)
-    count = {"two": 2, "three": 3, "four": 4}[match.group(1)]
-    sep, other = (",", ";") if match.group(3) == "commas" else (";", ",")
-    if other in answer or "\n" in answer.strip():
-        return False
-    parts = [p.strip().lower() for p in _bare(answer).split(sep)]
-    foreign = set().union(*(pool for cat, pool in POOLS.items() if cat != match.group(2))) - POOLS[match.group(2)]
-    return (len(parts) == count and all(p and len(p.split()) <= 3 and re.fullmatch(r"[a-z \-]+", p) for p in parts)
-            and not any(p in foreign for p in parts))
+# ---------------------------------------------------------------- the demo's tasks, checked by qbco's one checker
 
 
 def demo_items() -> dict[str, dict]:
-    return {it["prompt"]: it for it in make_demo.build_items(random.Random(0))}
+    """prompt -> {"task", "check"}: every demo row carries its check (qbco.eval.tasks, the checker `qbco eval
+    --generate` uses)."""
+    rows = [json.loads(line) for line in (ROOT / "qbco" / "data" / "demo.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {r["prompt"]: {"task": r["task"], "check": r["check"], "prompt": r["prompt"]} for r in rows}
+
+
+def correct(item: dict, answer: str) -> bool:
+    from qbco.eval.tasks import passes
+
+    return passes(answer, item["check"], item["prompt"])
 
 
 def checker_agreement(items: dict[str, dict]) -> dict:
     """The checker against the demo's labels on every demo row: a thumbs-up row is a right answer, a
-    'wrong'/evasive/rude thumbs-down row is not (except the format rows marked down for extra words)."""
+    thumbs-down row (wrong, evasive or rude) is not."""
     from qbco.data.feedback import read_demo
 
     train, held = read_demo()
@@ -201,14 +155,17 @@ def best_of_n(run: Path, scorer4, n: int, per_task: int, temperature: float, top
             item = items[prompt]
             g = sample_answers_greedy(model, tok, prompt, greedy)
             samples = sample_answers(model, tok, prompt, n, hot, cpu)
-            rewards = twin.rewards(prompt, samples)
+            scores = twin.score(prompt, samples)
             per_prompt.append({"prompt": prompt, "task": item["task"], "greedy": g, "greedy_correct": correct(item, g),
-                               "samples": samples, "rewards": rewards.tolist(), "correct": [correct(item, s) for s in samples]})
+                               "samples": samples, "rewards": scores.reward.tolist(),
+                               "tokens": scores.completion_tokens.tolist(), "correct": [correct(item, s) for s in samples]})
         sizes = sorted({4, n} if n >= 4 else {n})
         row = {"greedy": float(np.mean([p["greedy_correct"] for p in per_prompt]))}
         for k in sizes:
             row[f"random_of_{k}"] = float(np.mean([np.mean(p["correct"][:k]) for p in per_prompt]))
             row[f"best_of_{k}"] = float(np.mean([p["correct"][pick_best(p["rewards"][:k])] for p in per_prompt]))
+            row[f"best_of_{k}_per_token"] = float(np.mean([p["correct"][pick_best(p["rewards"][:k], p["tokens"][:k], "per-token")]
+                                                           for p in per_prompt]))
             row[f"any_of_{k}"] = float(np.mean([any(p["correct"][:k]) for p in per_prompt]))
         row["seconds"] = time.perf_counter() - started
         out["models"][name] = {"figures": row, "per_prompt": per_prompt}

@@ -212,11 +212,21 @@ def test_a_merged_folder_scores_against_its_base(tiny_run, rows_file, tmp_path):
     assert not (tmp_path / "capped.jsonl").exists()
 
 
+def test_pick_best_by_sum_or_per_token():
+    """r sums over tokens, so a long answer can out-rank a short better one; per token (r / tokens) it does not."""
+    rewards, tokens = [4.0, 1.5, -1.0], [40, 5, 1]
+    assert gen.pick_best(rewards) == 0 and gen.pick_best(rewards, tokens, "sum") == 0  # 4.0 > 1.5
+    assert gen.pick_best(rewards, tokens, "per-token") == 1  # 0.1, 0.3, -1.0
+    assert gen.pick_best([0.0, 0.0], [0, 3], "per-token") == 0  # a tie: the first; an empty answer counts one token
+    with pytest.raises(QbcoError, match="--rank-by must be one of per-token, sum"):
+        gen.pick_best([1.0], [1], "mean")
+
+
 def test_best_of_returns_the_arg_max_of_its_candidates_scores(tiny_run, tmp_path):
     prompts = ["question q3 ?", [{"role": "user", "content": "question q8 ?"}]]
     sampling = gen.Sampling(max_new_tokens=6, temperature=1.5, seed=2)
     scorer = Scorer.load(tiny_run, CPU)
-    results, kind = gen.best_of(tiny_run, prompts, 5, sampling, scorer=scorer)
+    results, kind = gen.best_of(tiny_run, prompts, 5, sampling, scorer=scorer, rank_by="sum")
     assert "reward" in kind and [r.prompt for r in results] == prompts
     for r in results:
         assert len(r.answers) == 5 and len(set(r.answers)) > 1  # sampled, not one answer five times
@@ -225,6 +235,9 @@ def test_best_of_returns_the_arg_max_of_its_candidates_scores(tiny_run, tmp_path
             assert scorer.rewards(r.prompt, [answer])[0] == pytest.approx(reward, abs=1e-6)
         assert r.best == int(again.argmax()) and r.rewards[r.best] == max(r.rewards)
     assert gen.pick_best([0.1, 0.7, -2.0, 0.7]) == 1 and gen.pick_best([-3.0]) == 0
+    per_token, _ = gen.best_of(tiny_run, prompts, 5, sampling, scorer=scorer, rank_by="per-token")
+    for r in per_token:  # the same samples (same seed), ranked by r / tokens
+        assert r.best == max(range(5), key=lambda k: (r.rewards[k] / r.tokens[k], -k))
 
     out = tmp_path / "cands" / "best.jsonl"
     result = invoke("generate", tiny_run, "--prompt", "question q3 ?", "--best-of", "5", "--temperature", "1.5",

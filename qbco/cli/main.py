@@ -301,10 +301,11 @@ def generate(
     seed: int = typer.Option(0, help="Seed for sampling (the same for base and tuned)."),
     best_of: Optional[int] = typer.Option(None, "--best-of", help="Sample N answers per prompt (needs --temperature > 0), score each with the run's reward and show the best."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="With --best-of: write every candidate, its reward and p_up to this .jsonl."),
+    rank_by: Optional[str] = typer.Option(None, "--rank-by", help="With --best-of: per-token (r / answer tokens) or sum (r, which favours long answers). Default: the one docs/score.md measured to pick right answers more often."),
 ) -> None:
     """Answer prompts with a tuned model, and with --compare its base too, side by side."""
-    if best_of is not None or output is not None:
-        return _best_of(target, prompt, data, limit, compare, best_of, output,
+    if best_of is not None or output is not None or rank_by is not None:
+        return _best_of(target, prompt, data, limit, compare, best_of, output, rank_by,
                         sampling_args=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed))
     with user_errors():
         _quiet_libraries()
@@ -317,13 +318,15 @@ def generate(
     Console().print(tables.answers_table(answers, target, kind, sampling, compare))
 
 
-def _best_of(target, prompt, data, limit, compare, n, output, sampling_args) -> None:
-    """qbco generate --best-of N: N sampled answers per prompt, the one with the highest reward shown."""
+def _best_of(target, prompt, data, limit, compare, n, output, rank_by, sampling_args) -> None:
+    """qbco generate --best-of N: N sampled answers per prompt, the best by the run's reward (--rank-by) shown."""
     with user_errors():
-        from qbco.eval.generate import Sampling, best_of, read_prompts, write_candidates
+        from qbco.eval.generate import RANK_BY, RANKINGS, Sampling, best_of, read_prompts, write_candidates
 
         if n is None:
-            raise QbcoError("--output writes the candidates of --best-of N; give --best-of")
+            raise QbcoError("--output and --rank-by go with --best-of N; give --best-of")
+        if rank_by is not None and rank_by not in RANKINGS:
+            raise QbcoError(f"--rank-by must be one of {', '.join(RANKINGS)} (got {rank_by!r})")
         if compare:
             raise QbcoError("--best-of and --compare exclude each other; pick one")
         if output is not None and output.exists():
@@ -331,7 +334,7 @@ def _best_of(target, prompt, data, limit, compare, n, output, sampling_args) -> 
         _quiet_libraries()
         prompts = read_prompts(prompt, data, limit)
         sampling = Sampling(**sampling_args)
-        results, kind = best_of(target, prompts, n, sampling)
+        results, kind = best_of(target, prompts, n, sampling, rank_by=rank_by or RANK_BY)
         if output is not None:
             write_candidates(results, output)
     Console().print(tables.best_of_table(results, target, kind, sampling, n))

@@ -284,18 +284,29 @@ def generate(target: str | Path, prompts: list, sampling: Sampling, compare: boo
 @dataclass
 class BestOf:
     """N sampled answers to one prompt, each with the run's reward r and calibrated p_up; `best` indexes the
-    arg-max of r (the first one on a tie)."""
+    best by the ranking asked for (pick_best; the first one on a tie)."""
 
     prompt: str | list[dict[str, str]]
     answers: list[str]
     rewards: list[float]
     p_up: list[float]
     best: int
+    tokens: list[int] | None = None  # each answer's tokens: r / tokens is the per-token reward
 
 
-def pick_best(rewards) -> int:
-    """The index of the highest reward; the first of equal ones."""
+RANKINGS = ("per-token", "sum")
+RANK_BY = "sum"  # what `qbco generate --best-of` ranks by unless told: docs/score.md measured both
+
+
+def pick_best(rewards, tokens=None, rank_by: str = "sum") -> int:
+    """The index of the best answer; the first of equal ones. rank_by "sum": the highest reward r (a sum of
+    log-ratios over the answer's tokens, which favours long answers); "per-token": the highest r / tokens (an
+    empty answer counts one token)."""
     rewards = list(rewards)
+    if rank_by == "per-token":
+        rewards = [r / max(1, int(n)) for r, n in zip(rewards, tokens)]
+    elif rank_by != "sum":
+        raise QbcoError(f"--rank-by must be one of {', '.join(RANKINGS)} (got {rank_by!r})")
     return max(range(len(rewards)), key=lambda i: (rewards[i], -i))
 
 
@@ -319,9 +330,10 @@ def sample_answers(model, tokenizer, prompt, n: int, sampling: Sampling, device)
 
 
 def best_of(target: str | Path, prompts: list, n: int, sampling: Sampling, device: torch.device | None = None,
-            scorer=None) -> tuple[list[BestOf], str]:
+            scorer=None, rank_by: str = RANK_BY) -> tuple[list[BestOf], str]:
     """For every prompt, n answers sampled from `target` (a run or a merged folder) and scored with its own
-    reward (qbco.eval.score.Scorer); also what was loaded. `scorer` (a loaded Scorer) skips the loading."""
+    reward (qbco.eval.score.Scorer), the best by `rank_by` (pick_best); also what was loaded. `scorer` (a loaded
+    Scorer) skips the loading."""
     sampling.validate()
     if n < 2:
         raise QbcoError(f"--best-of needs at least 2 answers per prompt (got {n})")
@@ -334,15 +346,18 @@ def best_of(target: str | Path, prompts: list, n: int, sampling: Sampling, devic
     for prompt in prompts:
         answers = sample_answers(scorer.model, scorer.tokenizer, prompt, n, sampling, scorer.device)
         scores = scorer.score(prompt, answers)
-        results.append(BestOf(prompt, answers, scores.reward.tolist(), scores.p_up.tolist(), pick_best(scores.reward)))
-    return results, f"{scorer.kind}; each answer scored with the run's reward"
+        tokens = scores.completion_tokens.tolist()
+        results.append(BestOf(prompt, answers, scores.reward.tolist(), scores.p_up.tolist(),
+                              pick_best(scores.reward, tokens, rank_by), tokens))
+    return results, f"{scorer.kind}; each answer scored with the run's reward, ranked by {'r per token' if rank_by == 'per-token' else 'r'}"
 
 
 def write_candidates(results: list[BestOf], output: Path) -> None:
-    """One JSON line per candidate: prompt, candidate index, answer, reward, p_up, and whether it was picked;
+    """One JSON line per candidate: prompt, candidate index, answer, reward, tokens, p_up, and whether it was picked;
     written beside and renamed, so the file appears whole or not at all."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"prompt": r.prompt, "candidate": k, "answer": a, "reward": rw, "p_up": p, "best": k == r.best},
-                        ensure_ascii=False) + "\n"
-             for r in results for k, (a, rw, p) in enumerate(zip(r.answers, r.rewards, r.p_up))]
+    lines = [json.dumps({"prompt": r.prompt, "candidate": k, "answer": a, "reward": rw, "tokens": n, "p_up": p,
+                         "best": k == r.best}, ensure_ascii=False) + "\n"
+             for r in results
+             for k, (a, rw, p, n) in enumerate(zip(r.answers, r.rewards, r.p_up, r.tokens or [None] * len(r.answers)))]
     os.replace(write_temp(output, lines), output)
