@@ -184,7 +184,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--scored", type=Path, required=True, help="the output of: qbco score RUN --data demo -o SCORED")
+    ap.add_argument("--scored", type=Path, default=None, help="the output of: qbco score RUN --data demo -o SCORED "
+                    "(without it: only the best-of figures)")
     ap.add_argument("--splits", type=int, default=100, help="random prompt splits of the held-out rows")
     ap.add_argument("--per-task", type=int, default=5, help="held-out prompts answered per task (the demo has 63 in 6 tasks)")
     ap.add_argument("--n", type=int, default=8, help="samples per prompt (0: only the calibration figures)")
@@ -204,8 +205,9 @@ def main(argv=None) -> None:
     items = demo_items()
     figures = {"run": str(args.run), "checker": checker_agreement(items)}
     log(f"checker vs the demo's labels: {figures['checker']}")
-    figures["calibration"] = calibration_on_unseen_rows(args.scored, args.splits)
-    log(f"calibration on unseen rows: {json.dumps({k: v for k, v in figures['calibration'].items() if k != 'first_split'})}")
+    if args.scored is not None:
+        figures["calibration"] = calibration_on_unseen_rows(args.scored, args.splits)
+        log(f"calibration on unseen rows: {json.dumps({k: v for k, v in figures['calibration'].items() if k != 'first_split'})}")
     if args.n == 0:
         args.out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
         return

@@ -100,6 +100,7 @@ def test_score_equals_eval_and_an_independent_computation(tiny_run, rows_file, t
         assert s["policy_logp"] == pytest.approx(policy, abs=2e-4) and s["reference_logp"] == pytest.approx(reference, abs=2e-4)
         assert s["reward"] == pytest.approx(reward, abs=2e-5)
         assert s["reward_minus_delta"] == pytest.approx(s["reward"] - delta, abs=1e-6)
+        assert s["completion_tokens"] >= 1 and s["reward_per_token"] == pytest.approx(s["reward"] / s["completion_tokens"], rel=1e-6)
         assert s["p_up_uncalibrated"] == pytest.approx(sigmoid(s["reward"] - delta), rel=1e-5)
         assert s["p_up"] == pytest.approx(sigmoid(cal["a"] * (s["reward"] - delta) + cal["b"]), rel=1e-5)
     assert any(s["reward"] != 0 for s in scored)  # the adapter moved the policy: a test of something

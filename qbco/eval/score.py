@@ -43,9 +43,16 @@ class Scores:
     p_up: np.ndarray  # the run's calibrated probability of a thumbs-up
     p_up_uncalibrated: np.ndarray  # sigmoid(r - delta)
 
+    @property
+    def reward_per_token(self) -> np.ndarray:
+        """r / completion tokens (at least one): the length-fair reward for ranking answers of different lengths
+        (qbco.eval.generate.pick_best)."""
+        return self.reward / np.maximum(self.completion_tokens, 1)
+
     def row(self, i: int) -> dict:
         return {"policy_logp": float(self.policy_logp[i]), "reference_logp": float(self.reference_logp[i]),
                 "completion_tokens": int(self.completion_tokens[i]), "reward": float(self.reward[i]),
+                "reward_per_token": float(self.reward_per_token[i]),
                 "reward_minus_delta": float(self.margin[i]), "p_up": float(self.p_up[i]),
                 "p_up_uncalibrated": float(self.p_up_uncalibrated[i])}
 
