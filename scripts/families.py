@@ -62,6 +62,22 @@ def judge(run: Path) -> dict:
     }
 
 
+def rejudge(record: dict, run: Path) -> dict:
+    """The record's task success judged again from the run's generations.jsonl with today's checker (the answers
+    are not regenerated): what a change to qbco.eval.tasks does to figures already measured."""
+    from qbco.eval.tasks import passes
+
+    records = [json.loads(line) for line in (run / "eval" / "generations.jsonl").read_text().splitlines()]
+    ok = [[passes(r[w]["answer"], r["check"], r["prompt"]) for w in ("base", "tuned")] for r in records]
+    tasks = sorted({r["task"] for r in records})
+    record["success"] = {w: sum(o[i] for o in ok) for i, w in enumerate(("base", "tuned"))}
+    record["task_success"] = {t: {w: sum(o[i] for o, r in zip(ok, records) if r["task"] == t)
+                                  for i, w in enumerate(("base", "tuned"))} for t in tasks}
+    for answer, o in zip(record["answers"], ok):
+        answer["ok"] = o
+    return record
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="+", default=list(FAMILY_FILES), choices=list(FAMILY_FILES))
@@ -69,9 +85,15 @@ def main() -> None:
     ap.add_argument("--candidate", default="defaults", help="a name for the flags after --")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "families")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--rejudge", action="store_true", help="judge every record's answers again (today's checker) and stop")
     ap.add_argument("flags", nargs="*", help="qbco train flags of the candidate (after --)")
     args = ap.parse_args()
     results = json.loads(args.results.read_text()) if args.results.is_file() else {"runs": []}
+    if args.rejudge:
+        for record in results["runs"]:
+            rejudge(record, args.out / record["candidate"] / f"{record['family']}-{record['seed']}")
+        args.results.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+        return
     for family in args.families:
         for seed in args.seeds:
             key = {"family": family, "candidate": args.candidate, "seed": seed}
