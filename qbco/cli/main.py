@@ -268,7 +268,7 @@ def merge(
     run_dir: Path = typer.Argument(..., help="A finished qbco run."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write: a standard Hugging Face model (safetensors, config, tokenizer, README)."),
     dtype: str = typer.Option("auto", help="Weights of the merged model: auto (the smallest of bf16, fp16, fp32 within --max-gap), bf16, fp16 or fp32. Never 4-bit: it rounds the update away."),
-    max_gap: float = typer.Option(0.05, "--max-gap", help="Fail (nothing written) when OUTPUT's mean |delta log p| per completion token against the trained model exceeds this, in nats."),
+    max_gap: float = typer.Option(0.05, "--max-gap", help="Fail (nothing written) when OUTPUT's mean |delta log p| per completion token against the trained model exceeds this, in nats (its worst row: 4 times this; and OUTPUT must keep at least half of the trained model's own gap to its base)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one); --device cpu merges a model too big for the GPU in RAM."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists (only a model folder)."),
 ) -> None:

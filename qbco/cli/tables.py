@@ -182,8 +182,12 @@ def merge_table(result) -> Table:
     gap = result.gap
     table = Table(title=f"qbco merge: {result.output}", show_header=False)
     table.add_row("saved in", f"{result.dtype} ({result.size_bytes / 2**20:.0f} MiB of weights); the adapter merged in fp32")
-    table.add_row("gap to the trained model", f"mean |delta log p| {gap.mean:.3g} nats/token, max {gap.max:.3g} "
-                  f"({gap.tokens} tokens of {gap.rows} held-out rows; limit {result.max_gap:g}): [green]passed[/]")
+    table.add_row("gap to the trained model", f"mean |delta log p| {gap.mean:.3g} nats/token, worst row "
+                  f"{gap.worst_row:.3g}, max {gap.max:.3g} ({gap.tokens} tokens of {result.check_rows or f'{gap.rows} rows'}; "
+                  f"limit {result.max_gap:g}): [green]passed[/]")
+    if result.trained_vs_base is not None:
+        table.add_row("trained model from its base", f"{result.trained_vs_base.mean:.3g} nats/token (adapters off; the "
+                      "merge kept what training changed)")
     table.add_row("dtypes measured", ", ".join(f"{t.dtype} {t.mean:.3g}" for t in result.tried))
     return table
 
