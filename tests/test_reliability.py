@@ -241,3 +241,47 @@ def test_torch_load_is_always_weights_only():
         for line in path.read_text().splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
+
+
+# ------------------------------------------------------------------ non-finite held-out rewards (issue 25)
+
+
+def strict_json(line):
+    """json.loads that refuses NaN and Infinity, as every JSON reader but Python's does."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_non_finite_held_out_rewards_are_counted_not_folded_into_a_class(tmp_path, tiny_model_dir, separable_file, monkeypatch):
+    """Two held-out rows whose reward overflowed (NaN, inf): the run still finishes; its held-out line counts
+    them apart and figures on the others (a NaN used to count as a thumbs-down and make eval_loss NaN, written
+    as NaN, which is not JSON), and the calibration leaves them out with a count instead of a traceback."""
+    from qbco.train import loop
+
+    real = loop.implicit_rewards
+
+    def overflowing(policy, reference, beta):
+        rewards = real(policy, reference, beta).clone()
+        rewards[0], rewards[1] = float("nan"), float("inf")
+        return rewards
+
+    monkeypatch.setattr(loop, "implicit_rewards", overflowing)
+    config = build_config(**settings(tmp_path, separable_file, "nan-eval", model=str(tiny_model_dir), load_in_4bit=False,
+                                     epochs=1))
+    result = train(config, log=lambda m: None)
+    lines = (result.output / "metrics.jsonl").read_text().splitlines()
+    held = [strict_json(line) for line in lines][-1]
+    assert held["split"] == "eval" and held["eval_non_finite"] == 2 and held["eval_loss"] is not None
+    n = held["eval_rows"] - 2
+    assert held["eval_reward_accuracy"] * n == pytest.approx(round(held["eval_reward_accuracy"] * n))  # of the finite rows
+    calibration = json.loads((result.output / "calibration.json").read_text())
+    assert calibration["dropped"] == 2
+
+
+def test_the_metrics_log_writes_no_nan(tmp_path):
+    from qbco.run.metrics_log import MetricsWriter
+
+    with MetricsWriter(tmp_path / "m.jsonl") as log:
+        log.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "delta": 0.5})
+    assert strict_json((tmp_path / "m.jsonl").read_text()) == {"step": 1, "loss": None, "grad_norm": None, "delta": 0.5}

@@ -64,7 +64,9 @@ def training_curves(run_dir: str | Path, output: str | Path | None = None) -> Pa
         ax.set_xlabel("optimizer step")
     title = f"{run_dir.name}: {len(steps)} steps"
     if evaluation and "eval_reward_accuracy" in evaluation:
-        title += f"; held-out reward accuracy {evaluation['eval_reward_accuracy']:.3f}, loss {evaluation['eval_loss']:.4f}"
+        acc, loss = evaluation["eval_reward_accuracy"], evaluation.get("eval_loss")
+        title += (f"; held-out reward accuracy {'-' if acc is None else f'{acc:.3f}'}, "
+                  f"loss {'-' if loss is None else f'{loss:.4f}'}")
     fig.suptitle(title)
     out = Path(output) if output else RunFolder(run_dir).plot_file
     out.parent.mkdir(parents=True, exist_ok=True)

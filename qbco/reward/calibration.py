@@ -205,6 +205,10 @@ def figures(probs, labels) -> dict:
     """ECE, log-loss, Brier score and reliability bins of calibrated p_up on labelled rows (qbco/reward/metrics.py's
     definitions, as for sigmoid(r - delta))."""
     p, y = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=bool)
+    finite = np.isfinite(p)  # a non-finite reward gives no p_up: left out, as in metrics.binary_figures
+    p, y = p[finite], y[finite]
+    if not len(p):
+        return {"ece": None, "log_loss": None, "brier": None, "reliability": []}
     return {"ece": metrics.ece(p, y), "log_loss": _log_loss(p, y), "brier": float(metrics.brier_score_loss(y, p, pos_label=True)),
             "reliability": metrics.reliability_bins(p, y)}
 

@@ -8,6 +8,7 @@ half-written last line, what a run killed while writing leaves, is skipped when 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +66,9 @@ class MetricsWriter:
         self.file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        """One line; a NaN or infinite figure is written as null (no figure), never as NaN (which is not JSON)."""
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
 
     def __enter__(self) -> "MetricsWriter":
