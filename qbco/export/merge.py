@@ -106,7 +106,7 @@ def held_out_rows(config: TrainConfig, tokenizer, limit: int) -> tuple[list[Enco
 
 
 def check_rows(config: TrainConfig, tokenizer, limit: int) -> tuple[list[Encoded], list[str], str]:
-    """held_out_rows, and which rows they are in words, for the card and qbco_merge.json."""
+    """held_out_rows, and which rows they are in words, for the card and the merge record (write_merge_info)."""
     notes, data = [], config.data
     try:
         train_rows, eval_rows = load_feedback(config.data, config.eval_fraction, config.seed)
@@ -340,11 +340,16 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+def model_card_inputs(run_dir: Path) -> Metrics:
+    """The run's metrics log, which the card quotes (none: an empty one)."""
+    run = RunFolder(run_dir)
+    return run.metrics() if run.metrics_file.is_file() else Metrics()
+
+
 def model_card(run_dir: Path, output: Path, config: TrainConfig, result: MergeResult) -> str:
     """README.md of the merged folder, from the run's config and metrics log and the merge's check."""
     hub = hub_id(config.model)
-    run = RunFolder(run_dir)
-    log = run.metrics() if run.metrics_file.is_file() else Metrics()
+    log = model_card_inputs(run_dir)
     last, ev = log.last_step, log.eval
     front = {"library_name": "transformers", "tags": ["qbco", "bco", "lora", "merged"]}
     if hub:
@@ -460,6 +465,7 @@ def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap:
     check_merge_output(output, run_dir, overwrite)
     device = merge_device(device)
     config = RunFolder(run_dir).finished_config()
+    _ = model_card_inputs(run_dir)  # a damaged metrics log is one line now, not after the merge's work
     path = resolve_model(config.model)
     from transformers import AutoConfig  # transformers' import costs seconds: only where a merge runs
 

@@ -29,14 +29,18 @@ class Metrics:
 def read_metrics(path: str | Path) -> Metrics:
     """The records of a metrics log."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
+    lines = path.read_bytes().split(b"\n")
     metrics = Metrics()
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
         try:
+            line = raw.decode("utf-8")
             record = json.loads(line)
+        except UnicodeDecodeError:
+            if n == len(lines):  # a write cut short inside a character
+                continue
+            raise QbcoError(f"{path}: line {n} is not UTF-8 text (a damaged file)") from None
         except json.JSONDecodeError:
             if n == len(lines):  # the last line has no newline after it: a write that never finished
                 continue
