@@ -285,3 +285,87 @@ def test_the_metrics_log_writes_no_nan(tmp_path):
     with MetricsWriter(tmp_path / "m.jsonl") as log:
         log.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "delta": 0.5})
     assert strict_json((tmp_path / "m.jsonl").read_text()) == {"step": 1, "loss": None, "grad_norm": None, "delta": 0.5}
+
+
+# ------------------------------------------------------------------ SIGTERM in every phase (issue 25)
+
+# `qbco train` in a process of its own that sends itself a real SIGTERM at a chosen point: the `at`-th batch of
+# the reference pass, or the start of the `at`-th optimizer step (as `kill PID` or a scheduler would).
+SIGTERM_DRIVER = """
+import os, signal, sys
+import qbco.model.logprobs as logprobs
+import qbco.train.loop as loop
+where, at = sys.argv[1], int(sys.argv[2])
+del sys.argv[1:3]
+calls, steps = [0], [0]
+real_logps, real_step = logprobs.completion_logps, loop.optimizer_step
+def counted(*a, **k):
+    if where == "reference" and not steps[0]:
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return real_logps(*a, **k)
+def step(*a, **k):
+    steps[0] += 1
+    if where == "step" and steps[0] == at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_step(*a, **k)
+logprobs.completion_logps, loop.optimizer_step = counted, step
+from qbco.cli.main import app
+app()
+"""
+
+
+@pytest.mark.parametrize("where, at", [("reference", 3), ("step", 5)])
+def test_sigterm_then_resume_equals_a_straight_run(tmp_path, tiny_model_dir, separable_file, monkeypatch, where, at):
+    """SIGTERM to `qbco train` in the reference pass (before: the process ended at once, exit -15, with no word)
+    and in a step: exit 130 with the command that continues; that command finishes the run, equal to a straight
+    one step for step and in its adapter."""
+    from test_resume import assert_same_run, cli_args
+    from test_resume import settings as resume_settings
+
+    monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))  # the reference pass really runs
+    env = {**os.environ, "COLUMNS": "400"}
+    values = resume_settings(tmp_path, separable_file, tiny_model_dir, "cut", max_steps=8, save_every=4)
+    cut = tmp_path / "cut"
+    stopped = subprocess.run([sys.executable, "-c", SIGTERM_DRIVER, where, str(at), "train", "--quiet", *cli_args(values)],
+                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    said = " ".join(stopped.stderr.split())
+    assert stopped.returncode == 130, (stopped.returncode, stopped.stderr[-2000:])
+    assert "Traceback" not in stopped.stderr
+    if where == "reference":
+        assert "interrupted in the reference pass" in said and "no checkpoint yet" in said, said
+        assert not RunFolder(cut).checkpoints() and list((tmp_path / "cache" / "reference").glob("*.parts/part-*"))
+    else:
+        assert f"SIGTERM at step {at} of 8: checkpoint written to" in said, said
+        assert [c.name for c in RunFolder(cut).checkpoints()] == ["step-00000004", f"step-{at:08d}"]
+    command = re.search(r"qbco train --resume ([^\s,]+)", said)
+    assert command and Path(command.group(1)) == cut
+    done = subprocess.run([sys.executable, "-c", "from qbco.cli.main import app; app()", "train", "--quiet", "--resume", str(cut)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    straight = train(build_config(**{**values, "output": str(tmp_path / "straight")}), log=lambda m: None).output
+    assert_same_run(straight, cut)
+
+
+def test_sigterm_stops_merge_with_nothing_under_the_output_name(tiny_run, tmp_path):
+    """merge under SIGTERM while saving: exit 130, one line, no OUT and no temporary folder beside it (before: the
+    process ended at once and left its .merged.partial-* folder behind)."""
+    driver = """
+import os, signal, sys
+import qbco.export.merge as merging
+real = merging.save_merged
+def save_then_term(*a, **k):
+    real(*a, **k)
+    os.kill(os.getpid(), signal.SIGTERM)
+merging.save_merged = save_then_term
+from qbco.cli.main import app
+app()
+"""
+    out = tmp_path / "out"
+    out.mkdir()
+    merged = subprocess.run([sys.executable, "-c", driver, "merge", str(tiny_run), "-o", str(out / "merged"), "--device", "cpu"],
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "400"}, timeout=300)
+    assert merged.returncode == 130, merged.stderr[-2000:]
+    assert "interrupted: SIGTERM" in merged.stderr and "Traceback" not in merged.stderr
+    assert list(out.iterdir()) == []

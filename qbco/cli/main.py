@@ -30,6 +30,7 @@ from qbco.cli.allocator import active, restart_under_mimalloc
 from qbco.cli.flags import train_options
 from qbco.common.errors import QbcoError, TrainingStopped
 from qbco.common.launcher import launched_rank
+from qbco.common.signals import Terminated, interrupt_on_term
 from qbco.data import binarize as binarizer
 from qbco.data.registry import listing
 from qbco.run.config import build_config, choose_recipe, resume_overrides_help, shipped_recipes
@@ -48,12 +49,18 @@ def user_errors():
     """A QbcoError is one red line and exit code 2, never a traceback (on every rank under a launcher, the
     others' lines naming their rank: one rank's own problem, a file missing on one node, is seen too)."""
     try:
-        yield
+        with interrupt_on_term():  # SIGTERM is Ctrl-C: qbco.common.signals
+            yield
     except QbcoError as err:  # escaped: a message may hold brackets ("pip install 'qbco[eval]'") that are not markup
         rank = launched_rank()
         console.print(f"[bold red]error:[/] {f'rank {rank}: ' if rank else ''}{escape(str(err))}", highlight=False,
                       soft_wrap=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt as stop:  # eval, score, merge, generate, plot (train reports its own)
+        what = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+        console.print(f"[bold yellow]interrupted:[/] {what}: stopped; every output is written whole or not at all, so "
+                      "nothing half-written is left under its name", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 def _quiet_libraries() -> None:

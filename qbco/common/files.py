@@ -92,19 +92,41 @@ def readable(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def write_temp(dst: Path, chunks: Iterable[str]) -> Path:
+def write_temp(dst: Path, chunks: Iterable, binary: bool = False) -> Path:
     """The chunks in a new hidden file next to dst (same file system, so os.replace is atomic); the caller
-    renames it onto dst, or removes it."""
-    fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    renames it onto dst, or removes it. A full disk is a DiskFull naming dst (nothing replaced it)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    except OSError as err:
+        _full_or_raise(err, dst)
     try:
         os.chmod(name, 0o666 & ~_umask())  # mkstemp's 0600 would keep the file private to its writer
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": "\n"})) as f:
             for chunk in chunks:
                 f.write(chunk)
-    except BaseException:
+    except BaseException as err:
         Path(name).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            _full_or_raise(err, dst)
         raise
     return Path(name)
+
+
+def _full_or_raise(err: OSError, dst: Path):
+    """A write beside `dst` that failed: DiskFull (one line) when the disk is full, else the error itself."""
+    if disk_full(err, dst.parent):
+        raise DiskFull(dst, shutil.disk_usage(dst.parent).free) from err
+    raise err
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    """write_text for bytes (a PNG): beside and renamed."""
+    tmp = write_temp(path, [data], binary=True)
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def write_text(path: Path, text: str | Iterable[str]) -> Path:

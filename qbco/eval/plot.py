@@ -5,10 +5,12 @@ matplotlib's object API on the Agg canvas: no pyplot, no display, no global back
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 from qbco.common.errors import QbcoError
+from qbco.common.files import write_bytes
 from qbco.run.folder import RunFolder
 
 
@@ -70,7 +72,9 @@ def training_curves(run_dir: str | Path, output: str | Path | None = None) -> Pa
     fig.suptitle(title)
     out = Path(output) if output else RunFolder(run_dir).plot_file
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    write_bytes(out, png.getvalue())  # beside and renamed: no half PNG; a full disk is one line
     return out
 
 

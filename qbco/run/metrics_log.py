@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qbco.common.errors import QbcoError
-from qbco.common.files import write_text
+from qbco.common.files import disk_full, write_text
 
 
 @dataclass
@@ -67,16 +68,29 @@ class MetricsWriter:
     """Appends one record per line, flushed at once, so a reader (or a kill) sees whole lines but the last."""
 
     def __init__(self, path: Path):
+        self.path = Path(path)
         self.file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        """One line; a NaN or infinite figure is written as null (no figure), never as NaN (which is not JSON)."""
+        """One line; a NaN or infinite figure is written as null (no figure), never as NaN (which is not JSON).
+        A full disk is one line naming the log and what is kept (a half line at its end is cut off on --resume)."""
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        self.file.write(json.dumps(record, allow_nan=False) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
+            self.file.flush()
+        except OSError as err:
+            if not disk_full(err, self.path.parent):
+                raise
+            free = shutil.disk_usage(self.path.parent).free
+            raise QbcoError(f"the disk is full: appending to {self.path} failed with {free >> 20} MiB free there; the log "
+                            "keeps the lines before this one and the last checkpoint is intact. Free some space, then: "
+                            f"qbco train --resume {self.path.parent}") from None
 
     def __enter__(self) -> "MetricsWriter":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the flush of a line a full disk refused: already said, and --resume cuts it off
+            pass

@@ -21,6 +21,7 @@ import torch
 from qbco.common.errors import TrainingStopped
 from qbco.common.launcher import launched_rank
 from qbco.common.progress import Wait
+from qbco.common.signals import interrupt_on_term
 from qbco.data.encoding import Encoded, collate
 from qbco.model.logprobs import completion_logps, dataset_logps
 from qbco.model.lora import reference
@@ -52,7 +53,13 @@ class RunResult:
 def train(config: TrainConfig, progress=None, log=print, resume: str | Path | None = None, overwrite: bool = False) -> RunResult:
     """Run one training run as `config` says, or continue the run at `resume`; returns what the summary shows.
     Under torchrun or accelerate launch this is one rank of several (qbco/train/distributed.py): only rank 0 logs,
-    shows progress and writes."""
+    shows progress and writes. SIGTERM is Ctrl-C in every phase (the reference pass keeps its finished part; the
+    steps stop after the current one with a checkpoint)."""
+    with interrupt_on_term():
+        return _train(config, progress, log, resume, overwrite)
+
+
+def _train(config: TrainConfig, progress, log, resume: str | Path | None, overwrite: bool) -> RunResult:
     if launched_rank() != 0:
         progress, log = None, lambda message: None
     run = prepare_run(config, log, resume, overwrite, progress)
