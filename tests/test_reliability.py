@@ -2,6 +2,7 @@
 an interrupted run resumes to exactly the run it would have been; a non-finite loss stops with the last
 good state kept; checkpoints are written whole or not at all."""
 
+import errno
 import json
 import os
 import re
@@ -369,3 +370,72 @@ app()
     assert merged.returncode == 130, merged.stderr[-2000:]
     assert "interrupted: SIGTERM" in merged.stderr and "Traceback" not in merged.stderr
     assert list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------ a full disk at every write of a run (issue 25)
+
+
+def no_space(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class FullFile:
+    """A file on a full disk: every write fails with ENOSPC."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def write(self, data):
+        no_space()
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_full_disk_appending_the_metrics_log_is_one_line(tmp_path):
+    from qbco.common.errors import QbcoError
+    from qbco.run.metrics_log import MetricsWriter
+
+    log = tmp_path / "metrics.jsonl"
+    with MetricsWriter(log) as writer:
+        writer.write({"step": 1})
+        writer.file = FullFile()
+        with pytest.raises(QbcoError) as full:
+            writer.write({"step": 2})
+    message = str(full.value)
+    assert message.startswith(f"the disk is full: appending to {log} failed") and "keeps the lines before" in message
+    assert f"qbco train --resume {tmp_path}" in message and "\n" not in message
+    assert log.read_text() == '{"step": 1}\n'
+
+
+@pytest.mark.parametrize("what", ["config.yaml", "keep_steps", "calibration.json"])
+def test_a_full_disk_writing_a_run_file_names_it_and_keeps_the_old_one(tmp_path, monkeypatch, what):
+    """Every other file of a run is written beside and renamed (common.files.write_text): on a full disk the write
+    is one line naming the file, and the file as it was stays."""
+    import qbco.common.files as files
+    from qbco.common.files import DiskFull
+    from qbco.reward.calibration import identity
+
+    folder = RunFolder(tmp_path)
+    config = build_config(data="demo", output=str(tmp_path))
+    folder.save_config(config)
+    folder.metrics_file.write_text('{"step": 1}\n{"step": 2}\n')
+    folder.save_calibration(identity("before"))
+    target = {"config.yaml": folder.config_file, "keep_steps": folder.metrics_file, "calibration.json": folder.calibration_file}[what]
+    before = target.read_bytes()
+    monkeypatch.setattr(files.os, "fdopen", FullFile)
+    with pytest.raises(DiskFull) as full:
+        {"config.yaml": lambda: folder.save_config(config, ["resumed"]), "keep_steps": lambda: folder.keep_steps(1),
+         "calibration.json": lambda: folder.save_calibration(identity("after"))}[what]()
+    assert str(target) in str(full.value) and "what was there before is intact" in str(full.value)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.json", "config.yaml", "metrics.jsonl"]  # no temp left
