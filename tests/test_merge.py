@@ -8,6 +8,7 @@ run). A merge that lost part of the update, or an interrupted one, leaves nothin
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -373,3 +374,67 @@ def test_dequantized_base_is_closer_to_the_trained_model_than_the_original(tiny_
     assert m["dequantized_merged_vs_trained"]["mean"] < 1e-5
     assert m["original_base_vs_4bit_base_fp32"]["mean"] > 1e-3
     assert m["original_merged_vs_trained"]["mean"] > 100 * m["dequantized_merged_vs_trained"]["mean"]
+
+
+# ---------------------------------------------------------------- the check against the base (issue 25)
+
+
+def _unapplied_adapter(monkeypatch):
+    """peft loads the adapter and silently applies nothing (a wrong target name, a peft change): every lora_B
+    is zero after loading, on both sides of the check."""
+    from peft import PeftModel
+
+    real = PeftModel.from_pretrained.__func__
+
+    def loaded_but_not_applied(cls, *args, **kwargs):
+        model = real(cls, *args, **kwargs)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.zero_()
+        return model
+
+    monkeypatch.setattr(PeftModel, "from_pretrained", classmethod(loaded_but_not_applied))
+
+
+def test_a_merge_whose_adapter_was_not_applied_is_refused(tiny_run, tmp_path, monkeypatch):
+    """Both sides of the fidelity check equal the base: their gap is 0, so the gap alone passes this merge.
+    The trained model's own gap to the base (0 here) refuses it."""
+    _unapplied_adapter(monkeypatch)
+    with pytest.raises(QbcoError, match=r"answers like its base: 0 nats.*adapter .* was not applied"):
+        merging.merge(tiny_run, tmp_path / "merged", device=CPU, log=quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_merge_that_equals_the_base_fails_under_any_limit(tiny_run, tmp_path, monkeypatch):
+    """A merge that lost the whole training (OUT is the dequantized base) is refused even under a loose
+    --max-gap: it must be closer to the trained model than the training moved it from the base."""
+    def base_only(trained, run_dir):
+        base = trained.unload()
+        return base.dequantize(dtype=torch.float32) if getattr(base, "hf_quantizer", None) is not None else base
+
+    monkeypatch.setattr(merging, "merge_exact", base_only)
+    with pytest.raises(QbcoError, match=r"base"):
+        merging.merge(tiny_run, tmp_path / "merged", dtype="fp32", max_gap=10, device=CPU, log=quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_check_names_its_rows_and_the_gap_to_the_base(tiny_run, tmp_path):
+    lines = []
+    result = merging.merge(tiny_run, tmp_path / "merged", dtype="fp32", device=CPU, log=lines.append)
+    info = json.loads((tmp_path / "merged" / MERGE_INFO).read_text())
+    assert re.match(r"\d+ held-out rows of .*data.jsonl$", info["check_rows"]) and info["check_rows"] == result.check_rows
+    assert info["trained_vs_base"]["mean"] == pytest.approx(result.trained_vs_base.mean) and result.trained_vs_base.mean > 0
+    assert info["gap"]["worst_row"] >= info["gap"]["mean"]
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert result.check_rows in card and "from its base" in card
+    assert any("from its base" in line for line in lines)
+
+
+def test_the_worst_rows_are_limited_too():
+    """A merge whose mean is within the limit but one row is far off fails (rows: per-row mean gap)."""
+    even = merging.Gap("fp16", mean=0.01, max=0.05, rows=4, tokens=40, worst_row=0.02)
+    one_row_off = merging.Gap("fp16", mean=0.04, max=0.9, rows=4, tokens=40, worst_row=0.5)
+    base = merging.Gap("base", mean=1.0, max=3.0, rows=4, tokens=40, worst_row=1.5)
+    assert merging.passes(even, 0.05, base) and not merging.passes(one_row_off, 0.05, base)
+    assert not merging.passes(merging.Gap("fp32", 0.6, 1.0, 4, 40, 0.7), 10, base)  # kept less than half the training

@@ -265,3 +265,18 @@ def test_kto_and_dpo_match_an_independent_computation_on_a_shared_batch():
     # and the BCE (delta 0) on the same pairs' rows is no smaller (Theorem 1)
     pair_labels = torch.tensor([T] * h + [Fa] * h)
     assert float(bco_loss(policy, reference, pair_labels, 0.0, beta).loss) >= dpo_expected
+
+
+def test_non_finite_rewards_are_counted_and_left_out_of_every_figure():
+    """A NaN reward is no thumbs-down: the figures are those of the finite rows, and the others are counted."""
+    r = torch.tensor([2.0, -1.0, 0.5, -3.0, float("nan"), float("inf"), float("-inf")])
+    y = torch.tensor([True, False, True, False, True, True, False])
+    with_bad, clean = metrics.binary_figures(r, y, 0.1), metrics.binary_figures(r[:4], y[:4], 0.1)
+    assert with_bad.pop("non_finite") == 3 and clean.pop("non_finite") == 0
+    assert with_bad == clean
+    line = metrics.held_out_figures(r, y, 0.1)
+    assert line == {"eval_loss": pytest.approx(clean["bco_loss"]), "eval_reward_accuracy": 1.0, "eval_rows": 7,
+                    "eval_non_finite": 3}
+    nothing = metrics.held_out_figures(torch.tensor([float("nan")] * 3), torch.tensor([True, False, True]), 0.0)
+    assert nothing == {"eval_loss": None, "eval_reward_accuracy": None, "eval_rows": 3, "eval_non_finite": 3}
+    assert metrics.binary_figures(torch.tensor([float("nan")]), torch.tensor([True]), 0.0)["rows"] == 0

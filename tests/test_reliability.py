@@ -2,6 +2,7 @@
 an interrupted run resumes to exactly the run it would have been; a non-finite loss stops with the last
 good state kept; checkpoints are written whole or not at all."""
 
+import errno
 import json
 import os
 import re
@@ -241,3 +242,200 @@ def test_torch_load_is_always_weights_only():
         for line in path.read_text().splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
+
+
+# ------------------------------------------------------------------ non-finite held-out rewards (issue 25)
+
+
+def strict_json(line):
+    """json.loads that refuses NaN and Infinity, as every JSON reader but Python's does."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_non_finite_held_out_rewards_are_counted_not_folded_into_a_class(tmp_path, tiny_model_dir, separable_file, monkeypatch):
+    """Two held-out rows whose reward overflowed (NaN, inf): the run still finishes; its held-out line counts
+    them apart and figures on the others (a NaN used to count as a thumbs-down and make eval_loss NaN, written
+    as NaN, which is not JSON), and the calibration leaves them out with a count instead of a traceback."""
+    from qbco.train import loop
+
+    real = loop.implicit_rewards
+
+    def overflowing(policy, reference, beta):
+        rewards = real(policy, reference, beta).clone()
+        rewards[0], rewards[1] = float("nan"), float("inf")
+        return rewards
+
+    monkeypatch.setattr(loop, "implicit_rewards", overflowing)
+    config = build_config(**settings(tmp_path, separable_file, "nan-eval", model=str(tiny_model_dir), load_in_4bit=False,
+                                     epochs=1))
+    result = train(config, log=lambda m: None)
+    lines = (result.output / "metrics.jsonl").read_text().splitlines()
+    held = [strict_json(line) for line in lines][-1]
+    assert held["split"] == "eval" and held["eval_non_finite"] == 2 and held["eval_loss"] is not None
+    n = held["eval_rows"] - 2
+    assert held["eval_reward_accuracy"] * n == pytest.approx(round(held["eval_reward_accuracy"] * n))  # of the finite rows
+    calibration = json.loads((result.output / "calibration.json").read_text())
+    assert calibration["dropped"] == 2
+
+
+def test_the_metrics_log_writes_no_nan(tmp_path):
+    from qbco.run.metrics_log import MetricsWriter
+
+    with MetricsWriter(tmp_path / "m.jsonl") as log:
+        log.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "delta": 0.5})
+    assert strict_json((tmp_path / "m.jsonl").read_text()) == {"step": 1, "loss": None, "grad_norm": None, "delta": 0.5}
+
+
+# ------------------------------------------------------------------ SIGTERM in every phase (issue 25)
+
+# `qbco train` in a process of its own that sends itself a real SIGTERM at a chosen point: the `at`-th batch of
+# the reference pass, or the start of the `at`-th optimizer step (as `kill PID` or a scheduler would).
+SIGTERM_DRIVER = """
+import os, signal, sys
+import qbco.model.logprobs as logprobs
+import qbco.train.loop as loop
+where, at = sys.argv[1], int(sys.argv[2])
+del sys.argv[1:3]
+calls, steps = [0], [0]
+real_logps, real_step = logprobs.completion_logps, loop.optimizer_step
+def counted(*a, **k):
+    if where == "reference" and not steps[0]:
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return real_logps(*a, **k)
+def step(*a, **k):
+    steps[0] += 1
+    if where == "step" and steps[0] == at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_step(*a, **k)
+logprobs.completion_logps, loop.optimizer_step = counted, step
+from qbco.cli.main import app
+app()
+"""
+
+
+@pytest.mark.parametrize("where, at", [("reference", 3), ("step", 5)])
+def test_sigterm_then_resume_equals_a_straight_run(tmp_path, tiny_model_dir, separable_file, monkeypatch, where, at):
+    """SIGTERM to `qbco train` in the reference pass (before: the process ended at once, exit -15, with no word)
+    and in a step: exit 130 with the command that continues; that command finishes the run, equal to a straight
+    one step for step and in its adapter."""
+    from test_resume import assert_same_run, cli_args
+    from test_resume import settings as resume_settings
+
+    monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))  # the reference pass really runs
+    env = {**os.environ, "COLUMNS": "400"}
+    values = resume_settings(tmp_path, separable_file, tiny_model_dir, "cut", max_steps=8, save_every=4)
+    cut = tmp_path / "cut"
+    stopped = subprocess.run([sys.executable, "-c", SIGTERM_DRIVER, where, str(at), "train", "--quiet", *cli_args(values)],
+                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    said = " ".join(stopped.stderr.split())
+    assert stopped.returncode == 130, (stopped.returncode, stopped.stderr[-2000:])
+    assert "Traceback" not in stopped.stderr
+    if where == "reference":
+        assert "interrupted in the reference pass" in said and "no checkpoint yet" in said, said
+        assert not RunFolder(cut).checkpoints() and list((tmp_path / "cache" / "reference").glob("*.parts/part-*"))
+    else:
+        assert f"SIGTERM at step {at} of 8: checkpoint written to" in said, said
+        assert [c.name for c in RunFolder(cut).checkpoints()] == ["step-00000004", f"step-{at:08d}"]
+    command = re.search(r"qbco train --resume ([^\s,]+)", said)
+    assert command and Path(command.group(1)) == cut
+    done = subprocess.run([sys.executable, "-c", "from qbco.cli.main import app; app()", "train", "--quiet", "--resume", str(cut)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    straight = train(build_config(**{**values, "output": str(tmp_path / "straight")}), log=lambda m: None).output
+    assert_same_run(straight, cut)
+
+
+def test_sigterm_stops_merge_with_nothing_under_the_output_name(tiny_run, tmp_path):
+    """merge under SIGTERM while saving: exit 130, one line, no OUT and no temporary folder beside it (before: the
+    process ended at once and left its .merged.partial-* folder behind)."""
+    driver = """
+import os, signal, sys
+import qbco.export.merge as merging
+real = merging.save_merged
+def save_then_term(*a, **k):
+    real(*a, **k)
+    os.kill(os.getpid(), signal.SIGTERM)
+merging.save_merged = save_then_term
+from qbco.cli.main import app
+app()
+"""
+    out = tmp_path / "out"
+    out.mkdir()
+    merged = subprocess.run([sys.executable, "-c", driver, "merge", str(tiny_run), "-o", str(out / "merged"), "--device", "cpu"],
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "400"}, timeout=300)
+    assert merged.returncode == 130, merged.stderr[-2000:]
+    assert "interrupted: SIGTERM" in merged.stderr and "Traceback" not in merged.stderr
+    assert list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------ a full disk at every write of a run (issue 25)
+
+
+def no_space(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class FullFile:
+    """A file on a full disk: every write fails with ENOSPC."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def write(self, data):
+        no_space()
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_full_disk_appending_the_metrics_log_is_one_line(tmp_path):
+    from qbco.common.errors import QbcoError
+    from qbco.run.metrics_log import MetricsWriter
+
+    log = tmp_path / "metrics.jsonl"
+    with MetricsWriter(log) as writer:
+        writer.write({"step": 1})
+        writer.file = FullFile()
+        with pytest.raises(QbcoError) as full:
+            writer.write({"step": 2})
+    message = str(full.value)
+    assert message.startswith(f"the disk is full: appending to {log} failed") and "keeps the lines before" in message
+    assert f"qbco train --resume {tmp_path}" in message and "\n" not in message
+    assert log.read_text() == '{"step": 1}\n'
+
+
+@pytest.mark.parametrize("what", ["config.yaml", "keep_steps", "calibration.json"])
+def test_a_full_disk_writing_a_run_file_names_it_and_keeps_the_old_one(tmp_path, monkeypatch, what):
+    """Every other file of a run is written beside and renamed (common.files.write_text): on a full disk the write
+    is one line naming the file, and the file as it was stays."""
+    import qbco.common.files as files
+    from qbco.common.files import DiskFull
+    from qbco.reward.calibration import identity
+
+    folder = RunFolder(tmp_path)
+    config = build_config(data="demo", output=str(tmp_path))
+    folder.save_config(config)
+    folder.metrics_file.write_text('{"step": 1}\n{"step": 2}\n')
+    folder.save_calibration(identity("before"))
+    target = {"config.yaml": folder.config_file, "keep_steps": folder.metrics_file, "calibration.json": folder.calibration_file}[what]
+    before = target.read_bytes()
+    monkeypatch.setattr(files.os, "fdopen", FullFile)
+    with pytest.raises(DiskFull) as full:
+        {"config.yaml": lambda: folder.save_config(config, ["resumed"]), "keep_steps": lambda: folder.keep_steps(1),
+         "calibration.json": lambda: folder.save_calibration(identity("after"))}[what]()
+    assert str(target) in str(full.value) and "what was there before is intact" in str(full.value)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.json", "config.yaml", "metrics.jsonl"]  # no temp left

@@ -329,3 +329,47 @@ def test_leftovers_of_a_killed_checkpoint_write(tmp_path):
     RunFolder(tmp_path).remove_leftovers()
     assert sorted(p.name for p in folder.iterdir()) == ["step-00000002", "step-00000004"]
     assert [p.name for p in RunFolder(tmp_path).checkpoints()] == ["step-00000002", "step-00000004"]
+
+
+# ------------------------------------------------------------------ library versions and the weights (issue 25)
+
+
+def test_a_library_upgraded_under_a_run_is_named_on_resume(tmp_path, tiny_model_dir, separable_file):
+    """Every checkpoint records the versions of torch, transformers, peft and bitsandbytes; a resume under other
+    ones goes on, with a warning naming each library that changed and from which version to which."""
+    from qbco.train.checkpoint import LIBRARIES, library_versions
+
+    values = settings(tmp_path, separable_file, tiny_model_dir, "run", max_steps=2, save_every=2)
+    out = train(build_config(**values), **QUIET).output
+    (checkpoint,) = RunFolder(out).checkpoints()
+    record = json.loads((checkpoint / "state.json").read_text())
+    now = record["inputs"]["library versions"]
+    assert now == library_versions() and all(f"{name} " in now for name in LIBRARIES)
+    record["inputs"]["library versions"] = now.replace("transformers ", "transformers 0.0.1-was-").replace(
+        "bitsandbytes ", "bitsandbytes 0.0.2-was-")
+    then = dict(item.split(" ", 1) for item in record["inputs"]["library versions"].split(", "))
+    (checkpoint / "state.json").write_text(json.dumps(record))
+    shutil.rmtree(out / "adapter")
+    lines = []
+    train(build_config(**{**values, "max_steps": 4}), resume=out, log=lines.append)
+    (warning,) = [line for line in lines if line.startswith("warning:")]
+    assert f"transformers {then['transformers']} -> {then['transformers'].split('-was-')[1]}" in warning
+    assert "bitsandbytes 0.0.2-was-" in warning and "torch" not in warning and "peft" not in warning
+    assert f"since {checkpoint.name} was written" in warning
+
+
+def test_the_weights_sample_sees_an_edit_in_the_middle_of_a_file(tmp_path):
+    """base_fingerprint reads a weight file's first and last MiB only; weights_sample reads 64 blocks spread over
+    it, so an edit in the middle of a large file changes the fingerprint a resume checks."""
+    from qbco.train.checkpoint import base_fingerprint, weights_sample
+
+    path = tmp_path / "model.safetensors"
+    data = bytearray(os.urandom(8 << 20))
+    path.write_bytes(bytes(data))
+    (tmp_path / "config.json").write_text("{}")
+    before = base_fingerprint(str(tmp_path)), weights_sample(str(tmp_path))
+    middle = (len(data) - (1 << 16)) * 32 // 63 + 100  # inside the 33rd of the 64 blocks
+    data[middle] ^= 0xFF
+    path.write_bytes(bytes(data))
+    after = base_fingerprint(str(tmp_path)), weights_sample(str(tmp_path))
+    assert after[0] == before[0] and after[1] != before[1]

@@ -30,6 +30,7 @@ from qbco.cli.allocator import active, restart_under_mimalloc
 from qbco.cli.flags import train_options
 from qbco.common.errors import QbcoError, TrainingStopped
 from qbco.common.launcher import launched_rank
+from qbco.common.signals import Terminated, interrupt_on_term
 from qbco.data import binarize as binarizer
 from qbco.data.registry import listing
 from qbco.run.config import build_config, choose_recipe, resume_overrides_help, shipped_recipes
@@ -48,12 +49,18 @@ def user_errors():
     """A QbcoError is one red line and exit code 2, never a traceback (on every rank under a launcher, the
     others' lines naming their rank: one rank's own problem, a file missing on one node, is seen too)."""
     try:
-        yield
+        with interrupt_on_term():  # SIGTERM is Ctrl-C: qbco.common.signals
+            yield
     except QbcoError as err:  # escaped: a message may hold brackets ("pip install 'qbco[eval]'") that are not markup
         rank = launched_rank()
         console.print(f"[bold red]error:[/] {f'rank {rank}: ' if rank else ''}{escape(str(err))}", highlight=False,
                       soft_wrap=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt as stop:  # eval, score, merge, generate, plot (train reports its own)
+        what = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+        console.print(f"[bold yellow]interrupted:[/] {what}: stopped; every output is written whole or not at all, so "
+                      "nothing half-written is left under its name", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 def _quiet_libraries() -> None:
@@ -273,7 +280,7 @@ def merge(
     run_dir: Path = typer.Argument(..., help="A finished qbco run."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write: a standard Hugging Face model (safetensors, config, tokenizer, README)."),
     dtype: str = typer.Option("auto", help="Weights of the merged model: auto (the smallest of bf16, fp16, fp32 within --max-gap), bf16, fp16 or fp32. Never 4-bit: it rounds the update away."),
-    max_gap: float = typer.Option(0.05, "--max-gap", help="Fail (nothing written) when OUTPUT's mean |delta log p| per completion token against the trained model exceeds this, in nats."),
+    max_gap: float = typer.Option(0.05, "--max-gap", help="Fail (nothing written) when OUTPUT's mean |delta log p| per completion token against the trained model exceeds this, in nats (its worst row: 4 times this; and OUTPUT must keep at least half of the trained model's own gap to its base)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one); --device cpu merges a model too big for the GPU in RAM."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists (only a model folder)."),
 ) -> None:

@@ -41,11 +41,18 @@ def _f(value, digits: int = 3, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _rows_cell(b: dict) -> str:
+    """The rows figured on and their thumbs-up share; rows whose reward is not finite are named apart."""
+    share = "-" if b["thumbs_up_share"] is None else f"{b['thumbs_up_share']:.0%}"
+    apart = f"; {b['non_finite']} more with a non-finite reward, left out" if b.get("non_finite") else ""
+    return f"{b['rows']} ({share}){apart}"
+
+
 def _rows(figures: dict) -> list[tuple[str, str]]:
     b, p, d = figures["binary"], figures["pairs"], figures["drift"]
     half, best = b["at_0.5"], b["at_best_f1"]
     rows = [
-        ("rows (thumbs-up share)", f"{b['rows']} ({b['thumbs_up_share']:.0%})"),
+        ("rows (thumbs-up share)", _rows_cell(b)),
         ("ROC-AUC", _f(b["roc_auc"])),
         ("PR-AUC (average precision)", _f(b["pr_auc"])),
         ("accuracy @ p>0.5", _f(half["accuracy"])),
@@ -142,7 +149,7 @@ def score_table(summary: dict):
         return "-" if value is None else f"{value:.{digits}f}"
 
     rows = [
-        ("rows (thumbs-up share)", lambda b: f"{b['rows']} ({b['thumbs_up_share']:.0%})"),
+        ("rows (thumbs-up share)", _rows_cell),
         ("ROC-AUC", lambda b: f(b["roc_auc"])),
         ("accuracy @ p>0.5", lambda b: f(b["at_0.5"]["accuracy"])),
         ("F1 @ p>0.5", lambda b: f(b["at_0.5"]["f1"])),
@@ -154,6 +161,13 @@ def score_table(summary: dict):
     for name, cell in rows:
         table.add_row(name, *[cell(b) for b in columns.values()])
     return table
+
+
+def _held_out_cell(ev: dict) -> str:
+    if not ev:
+        return "no held-out rows"
+    apart = f" ({ev['eval_non_finite']} of {ev['eval_rows']} rows with a non-finite reward, left out)" if ev.get("eval_non_finite") else ""
+    return f"{_f(ev['eval_reward_accuracy'])}{apart}"
 
 
 def train_table(result, config, allocator: str) -> Table:
@@ -168,7 +182,7 @@ def train_table(result, config, allocator: str) -> Table:
         ("checkpointing", result.recompute.summary() if result.recompute else f"{config.gradient_checkpointing} (no estimate for this model)"),
         ("allocator", allocator),
         ("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-"),
-        ("held-out reward accuracy", f"{result.eval['eval_reward_accuracy']:.3f}" if result.eval else "no held-out rows"),
+        ("held-out reward accuracy", _held_out_cell(result.eval)),
         ("calibration", result.calibration.describe() if result.calibration else "-"),
         # Answering the held-out prompts costs minutes on a CPU (docs/results.md), so training leaves it to eval.
         ("the answers, base vs tuned", f"qbco eval {result.output} --generate"),
@@ -183,8 +197,12 @@ def merge_table(result) -> Table:
     gap = result.gap
     table = Table(title=f"qbco merge: {result.output}", show_header=False)
     table.add_row("saved in", f"{result.dtype} ({result.size_bytes / 2**20:.0f} MiB of weights); the adapter merged in fp32")
-    table.add_row("gap to the trained model", f"mean |delta log p| {gap.mean:.3g} nats/token, max {gap.max:.3g} "
-                  f"({gap.tokens} tokens of {gap.rows} held-out rows; limit {result.max_gap:g}): [green]passed[/]")
+    table.add_row("gap to the trained model", f"mean |delta log p| {gap.mean:.3g} nats/token, worst row "
+                  f"{gap.worst_row:.3g}, max {gap.max:.3g} ({gap.tokens} tokens of {result.check_rows or f'{gap.rows} rows'}; "
+                  f"limit {result.max_gap:g}): [green]passed[/]")
+    if result.trained_vs_base is not None:
+        table.add_row("trained model from its base", f"{result.trained_vs_base.mean:.3g} nats/token (adapters off; the "
+                      "merge kept what training changed)")
     table.add_row("dtypes measured", ", ".join(f"{t.dtype} {t.mean:.3g}" for t in result.tried))
     return table
 

@@ -5,8 +5,10 @@ beside its target and renamed (`write_temp`, `write_text`), and the one-line err
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,19 +92,41 @@ def readable(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def write_temp(dst: Path, chunks: Iterable[str]) -> Path:
+def write_temp(dst: Path, chunks: Iterable, binary: bool = False) -> Path:
     """The chunks in a new hidden file next to dst (same file system, so os.replace is atomic); the caller
-    renames it onto dst, or removes it."""
-    fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    renames it onto dst, or removes it. A full disk is a DiskFull naming dst (nothing replaced it)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    except OSError as err:
+        _full_or_raise(err, dst)
     try:
         os.chmod(name, 0o666 & ~_umask())  # mkstemp's 0600 would keep the file private to its writer
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": "\n"})) as f:
             for chunk in chunks:
                 f.write(chunk)
-    except BaseException:
+    except BaseException as err:
         Path(name).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            _full_or_raise(err, dst)
         raise
     return Path(name)
+
+
+def _full_or_raise(err: OSError, dst: Path):
+    """A write beside `dst` that failed: DiskFull (one line) when the disk is full, else the error itself."""
+    if disk_full(err, dst.parent):
+        raise DiskFull(dst, shutil.disk_usage(dst.parent).free) from err
+    raise err
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    """write_text for bytes (a PNG): beside and renamed."""
+    tmp = write_temp(path, [data], binary=True)
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def write_text(path: Path, text: str | Iterable[str]) -> Path:
@@ -114,3 +138,34 @@ def write_text(path: Path, text: str | Iterable[str]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def safetensors_damage(path: Path) -> str | None:
+    """What is wrong with a .safetensors file, or None when its layout is whole: an 8-byte little-endian header
+    length N, N bytes of a JSON header, then a data buffer that the tensors' data_offsets cover exactly to the
+    file's end (safetensors' own rule). Reads the header only; a file cut short fails here in one line instead
+    of deep inside safetensors or peft."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"cut short: its header says {n} bytes of metadata, the file holds {size - 8}"
+            header = json.loads(f.read(n))
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    except (UnicodeDecodeError, ValueError):
+        return "its header is not JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+    buffer, need = size - 8 - n, max(ends, default=0)
+    if need > buffer:
+        return f"cut short: its tensors need {need} bytes of data, the file holds {buffer}"
+    if need < buffer:
+        return f"{buffer - need} bytes after its last tensor, which safetensors never writes"
+    return None

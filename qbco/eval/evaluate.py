@@ -79,6 +79,8 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
     folder = RunFolder(run_dir)
     config, tokenizer, model = load_run(run_dir)
     delta = folder.delta(config)
+    if data is not None:
+        folder.calibration()  # other rows apply the stored one: a damaged file is one line before any scoring
     examples, pairs, described = eval_examples(config, data)
     if slice_by is not None and not any(slice_by in e.extra for e in examples):
         found = sorted({k for e in examples for k in e.extra})

@@ -25,7 +25,7 @@ from qbco.model.device import compute_dtype, default_device
 from qbco.model.loading import dequantized_base, load_base, load_tokenizer
 from qbco.model.names import cache_dir, resolve_model
 from qbco.model.refcache import base_identity
-from qbco.run.folder import ADAPTER, CONFIG, MERGE_INFO, RunFolder, load_run, merge_info
+from qbco.run.folder import ADAPTER, CONFIG, MERGE_INFO, RunFolder, check_model_files, load_run, merge_info
 
 BATCH = 16  # prompts per generate() call: measured 4x faster than one at a time on SmolLM2 (docs/eval.md)
 
@@ -142,10 +142,13 @@ def load_models(target: str | Path, compare: bool, device, path: str = "auto"):
         run = RunModels(folder, device, path=path)
         return run.tokenizer, run, None, run.kind + ("; base: adapters off" if compare else "")
     if not (folder / "config.json").is_file():
+        if RunFolder(folder).holds_run() or (folder / ADAPTER).is_dir():  # part of a run: the message every command gives
+            RunFolder(folder).finished_config()
         raise QbcoError(f"{target} is neither a qbco run ({CONFIG} + {ADAPTER}/) nor a model folder (config.json)")
     dtype = compute_dtype("auto", device)  # fp32 on a CPU, where bf16 matmul is slow; bf16 weights load exactly
     meta = merge_info(folder) or {}
     remote = bool(meta.get("trust_remote_code", False))
+    check_model_files(folder)
     tokenizer = load_tokenizer(str(folder), remote)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=remote)

@@ -5,10 +5,12 @@ matplotlib's object API on the Agg canvas: no pyplot, no display, no global back
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 from qbco.common.errors import QbcoError
+from qbco.common.files import write_bytes
 from qbco.run.folder import RunFolder
 
 
@@ -64,11 +66,15 @@ def training_curves(run_dir: str | Path, output: str | Path | None = None) -> Pa
         ax.set_xlabel("optimizer step")
     title = f"{run_dir.name}: {len(steps)} steps"
     if evaluation and "eval_reward_accuracy" in evaluation:
-        title += f"; held-out reward accuracy {evaluation['eval_reward_accuracy']:.3f}, loss {evaluation['eval_loss']:.4f}"
+        acc, loss = evaluation["eval_reward_accuracy"], evaluation.get("eval_loss")
+        title += (f"; held-out reward accuracy {'-' if acc is None else f'{acc:.3f}'}, "
+                  f"loss {'-' if loss is None else f'{loss:.4f}'}")
     fig.suptitle(title)
     out = Path(output) if output else RunFolder(run_dir).plot_file
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    write_bytes(out, png.getvalue())  # beside and renamed: no half PNG; a full disk is one line
     return out
 
 

@@ -28,7 +28,7 @@ from qbco.model.lora import reference
 from qbco.reward import calibration as calib
 from qbco.reward import metrics
 from qbco.reward.loss import implicit_rewards
-from qbco.run.folder import MERGE_INFO, RunFolder, load_run, merge_info
+from qbco.run.folder import MERGE_INFO, RunFolder, check_model_files, load_run, merge_info
 
 
 @dataclass
@@ -111,6 +111,7 @@ class Scorer:
         config = run.config()
         dtype = compute_dtype("auto", device)
         remote = bool(meta.get("trust_remote_code", False))
+        check_model_files(folder)
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=remote)
         except OSError as err:

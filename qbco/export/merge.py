@@ -39,6 +39,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 AUTO_ORDER = ("bf16", "fp16", "fp32")
 DEFAULT_MAX_GAP = 0.05  # nats per completion token; measured on the demo run: bf16 0.58, fp16 0.018, fp32 1.5e-5
 CHECK_ROWS = 32
+# The check's rules beyond the mean (passes / why_not): the worst row's mean gap may be ROW_FACTOR times the
+# limit; OUT keeps at least 1 - KEPT_SHARE of what training moved from the base; and the trained model must be
+# at least MIN_TRAINED_GAP nats per token from its base (the fp32 merge's own rounding is 1.5e-5 on the demo run).
+ROW_FACTOR = 4.0
+KEPT_SHARE = 0.5
+MIN_TRAINED_GAP = 1e-4
 
 
 @dataclass
@@ -50,6 +56,7 @@ class Gap:
     max: float
     rows: int
     tokens: int
+    worst_row: float = math.nan  # the largest of the rows' own mean gaps
 
 
 @dataclass
@@ -61,6 +68,8 @@ class MergeResult:
     max_gap: float
     size_bytes: int  # OUT's weights on disk
     notes: list[str] = field(default_factory=list)
+    check_rows: str = ""  # which rows the check measured, in words ("8 held-out rows of data.jsonl")
+    trained_vs_base: Gap | None = None  # the trained model's own gap to its base (adapters off) on those rows
 
 
 def dtype_candidates(name: str) -> tuple[str, ...]:
@@ -92,16 +101,26 @@ def merge_device(device: str | torch.device | None) -> torch.device:
 def held_out_rows(config: TrainConfig, tokenizer, limit: int) -> tuple[list[Encoded], list[str]]:
     """The first `limit` held-out rows of the run's data (its training rows if none were held out), encoded
     as in training. If the data cannot be read any more, the demo's held-out rows stand in, with a note."""
-    notes = []
+    rows, notes, _ = check_rows(config, tokenizer, limit)
+    return rows, notes
+
+
+def check_rows(config: TrainConfig, tokenizer, limit: int) -> tuple[list[Encoded], list[str], str]:
+    """held_out_rows, and which rows they are in words, for the card and the merge record (write_merge_info)."""
+    notes, data = [], config.data
     try:
         train_rows, eval_rows = load_feedback(config.data, config.eval_fraction, config.seed)
     except Exception as err:  # a moved file, an unreachable dataset: the check still needs some text
         notes.append(f"cannot read the run's data {config.data!r} ({err}); checking on the demo's held-out rows")
         train_rows, eval_rows = read_demo()
+        data = "the demo (the run's data could not be read)"
     if not eval_rows:
         notes.append("the run held out no rows; checking on its first training rows")
     rows = (eval_rows or train_rows)[:limit]
-    return encode_all(rows, tokenizer, config.max_prompt_length, config.max_completion_length), notes
+    named = f"{len(rows)} {'held-out' if eval_rows else 'training'} rows of {data}"
+    if not eval_rows:
+        named += " (the run held out none)"
+    return encode_all(rows, tokenizer, config.max_prompt_length, config.max_completion_length), notes, named
 
 
 @torch.no_grad()
@@ -121,14 +140,55 @@ def completion_token_logps(model, rows: list[Encoded], device, done=lambda n: No
     return out
 
 
-def passes(g: Gap, max_gap: float) -> bool:
-    """Within the limit; a NaN (an fp16 overflow) never is."""
-    return math.isfinite(g.mean) and g.mean <= max_gap
+def why_not(g: Gap, max_gap: float, base: Gap | None = None) -> str | None:
+    """Why OUT fails the check, or None when it passes. With d_t = |log p_OUT(t) - log p_trained(t)| per
+    completion token t and b_t = |log p_trained(t) - log p_base(t)| (`base`, the training's own effect):
+
+        mean_t d_t <= max_gap                                  (a NaN, an fp16 overflow, never is)
+        max over rows of (mean of d_t in the row) <= ROW_FACTOR * max_gap
+        mean_t d_t <= KEPT_SHARE * mean_t b_t                  (OUT keeps most of what training changed)
+
+    The last rule fails a merge that equals the base (d = b) under any --max-gap."""
+    if not math.isfinite(g.mean):
+        return f"{g.dtype}: not finite (an overflow)"
+    if g.mean > max_gap:
+        return f"{g.dtype}: mean {g.mean:.3g} nats per token over the limit {max_gap:g}"
+    if math.isfinite(g.worst_row) and g.worst_row > ROW_FACTOR * max_gap:
+        return f"{g.dtype}: its worst row is {g.worst_row:.3g} nats per token off (limit {ROW_FACTOR:g} x {max_gap:g})"
+    if base is not None and g.mean > KEPT_SHARE * base.mean:
+        return (f"{g.dtype}: {g.mean:.3g} nats per token from the trained model, which is only {base.mean:.3g} from "
+                f"its base: the merge lost most of the training")
+    return None
+
+
+def passes(g: Gap, max_gap: float, base: Gap | None = None) -> bool:
+    """Within the limit, its worst row too, and closer to the trained model than the base is (why_not)."""
+    return why_not(g, max_gap, base) is None
 
 
 def gap(dtype: str, logps: list[torch.Tensor], reference: list[torch.Tensor]) -> Gap:
-    diffs = torch.cat([(a - b).abs() for a, b in zip(logps, reference)])
-    return Gap(dtype, float(diffs.mean()), float(diffs.max()), len(logps), diffs.numel())
+    per_row = [(a - b).abs() for a, b in zip(logps, reference)]
+    diffs = torch.cat(per_row)
+    worst_row = max((float(d.mean()) for d in per_row if d.numel()), default=math.nan)
+    return Gap(dtype, float(diffs.mean()), float(diffs.max()), len(logps), diffs.numel(), worst_row)
+
+
+@torch.no_grad()
+def base_token_logps(trained, rows: list[Encoded], device, done=lambda n: None) -> list[torch.Tensor]:
+    """The base's log-probs of the check rows: the trained PeftModel with its adapters off (as the reference
+    of training is)."""
+    with trained.disable_adapter():
+        return completion_token_logps(trained, rows, device, done)
+
+
+def check_trained(trained_vs_base: Gap, adapter: Path, rows: str) -> None:
+    """Refuse a trained model that answers like its base, mean_t |log p_trained(t) - log p_base(t)| <
+    MIN_TRAINED_GAP: the adapter was not applied, and OUT could match it while having lost the training."""
+    if not trained_vs_base.mean >= MIN_TRAINED_GAP:
+        raise QbcoError(
+            f"the trained model answers like its base: {trained_vs_base.mean:.3g} nats per token apart on {rows} "
+            f"(under {MIN_TRAINED_GAP:g}); the adapter in {adapter} was not applied (a target name that matches no "
+            "module, a peft change), so no merge of it can be checked; nothing was written")
 
 
 # ---------------------------------------------------------------- the trained model and the exact merge
@@ -280,11 +340,16 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+def model_card_inputs(run_dir: Path) -> Metrics:
+    """The run's metrics log, which the card quotes (none: an empty one)."""
+    run = RunFolder(run_dir)
+    return run.metrics() if run.metrics_file.is_file() else Metrics()
+
+
 def model_card(run_dir: Path, output: Path, config: TrainConfig, result: MergeResult) -> str:
     """README.md of the merged folder, from the run's config and metrics log and the merge's check."""
     hub = hub_id(config.model)
-    run = RunFolder(run_dir)
-    log = run.metrics() if run.metrics_file.is_file() else Metrics()
+    log = model_card_inputs(run_dir)
     last, ev = log.last_step, log.eval
     front = {"library_name": "transformers", "tags": ["qbco", "bco", "lora", "merged"]}
     if hub:
@@ -307,6 +372,8 @@ def model_card(run_dir: Path, output: Path, config: TrainConfig, result: MergeRe
         f"| LoRA | r {config.lora_r}, alpha {config.lora_alpha}, targets {config.lora_targets} |",
         f"| saved in | {result.dtype} |",
         f"| gap to the trained model | {g.mean:.3g} nats per completion token (limit {result.max_gap:g}) |",
+        *([f"| trained model from its base | {result.trained_vs_base.mean:.3g} nats per completion token |"]
+          if result.trained_vs_base else []),
         f"| run | {run_dir.name} |",
         "",
         "## Final metrics",
@@ -323,9 +390,12 @@ def model_card(run_dir: Path, output: Path, config: TrainConfig, result: MergeRe
     lines += ["", "## Merge check", "",
               f"This folder, reloaded with plain transformers in {result.dtype}, against the trained model (its 4-bit "
               f"base + adapter, computing in fp32): mean |delta log p| {g.mean:.3g} nats per completion token (max "
-              f"{g.max:.3g}) over {g.tokens} tokens of {g.rows} held-out rows; the limit is {result.max_gap:g}.", "",
-              "| dtype | mean \\|delta log p\\| per token | max |", "|---|---|---|"]
-    lines += [f"| {t.dtype} | {t.mean:.3g} | {t.max:.3g} |" for t in result.tried]
+              f"{g.max:.3g}, worst row {g.worst_row:.3g}) over {g.tokens} tokens of {result.check_rows or f'{g.rows} rows'}; "
+              f"the limit is {result.max_gap:g} (worst row {ROW_FACTOR:g} x that)."
+              + (f" The trained model itself is {result.trained_vs_base.mean:.3g} nats per token from its base (adapters "
+                 f"off) on those rows; OUT must keep at least {1 - KEPT_SHARE:.0%} of that." if result.trained_vs_base else ""),
+              "", "| dtype | mean \\|delta log p\\| per token | worst row | max |", "|---|---|---|---|"]
+    lines += [f"| {t.dtype} | {t.mean:.3g} | {t.worst_row:.3g} | {t.max:.3g} |" for t in result.tried]
     lines += [
         "", "## Training config", "", "```yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).strip(), "```",
         "", "## Use", "", "```python",
@@ -359,18 +429,20 @@ def check_merge_output(output: Path, run_dir: Path, overwrite: bool) -> None:
             raise QbcoError(f"{output} is not a model folder (no config.json); refusing to replace it, remove it yourself")
 
 
-def _miss(asked: str, tried: list[Gap], max_gap: float) -> QbcoError:
+def _miss(asked: str, tried: list[Gap], max_gap: float, base: Gap | None = None) -> QbcoError:
     """The one-line refusal: what missed, by how much, and the dtype that passes if one does."""
-    passing = next((t for t in tried if passes(t, max_gap)), None)
+    passing = next((t for t in tried if passes(t, max_gap, base)), None)
     first = tried[0]
     if asked != "auto" and passing is not None:
         return QbcoError(
             f"--dtype {asked} moves the merged model {first.mean:.3g} nats per token from the trained one (limit "
-            f"{max_gap:g}); {passing.dtype} passes ({passing.mean:.3g}): use --dtype {passing.dtype} or --dtype auto; nothing was written"
+            f"{max_gap:g}; {why_not(first, max_gap, base)}); {passing.dtype} passes ({passing.mean:.3g}): use --dtype "
+            f"{passing.dtype} or --dtype auto; nothing was written"
         )
     figures = ", ".join(f"{t.dtype} {t.mean:.3g}" for t in tried)
+    reasons = "; ".join(r for r in (why_not(t, max_gap, base) for t in tried) if r)
     return QbcoError(
-        f"no dtype keeps the merged model within {max_gap:g} nats per token of the trained one ({figures}); "
+        f"no dtype keeps the merged model within {max_gap:g} nats per token of the trained one ({figures}; {reasons}); "
         "nothing was written (--max-gap sets the limit)"
     )
 
@@ -393,6 +465,7 @@ def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap:
     check_merge_output(output, run_dir, overwrite)
     device = merge_device(device)
     config = RunFolder(run_dir).finished_config()
+    _ = model_card_inputs(run_dir)  # a damaged metrics log is one line now, not after the merge's work
     path = resolve_model(config.model)
     from transformers import AutoConfig  # transformers' import costs seconds: only where a merge runs
 
@@ -408,11 +481,14 @@ def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap:
 
     tokenizer = load_tokenizer(str(RunFolder(run_dir).adapter))
     trained = load_trained(run_dir, config, device)
-    rows, notes = held_out_rows(config, tokenizer, CHECK_ROWS)
+    rows, notes, named = check_rows(config, tokenizer, CHECK_ROWS)
     for note in notes:
         log(note)
     reference = completion_token_logps(trained, rows, device, Wait(progress, "measuring the trained model", len(rows)))
-    log(f"trained model measured on {len(rows)} held-out rows; merging in fp32")
+    trained_vs_base = gap("base", base_token_logps(trained, rows, device), reference)
+    log(f"trained model measured on {named}: {trained_vs_base.mean:.3g} nats per token from its base "
+        f"(worst row {trained_vs_base.worst_row:.3g}); merging in fp32")
+    check_trained(trained_vs_base, RunFolder(run_dir).adapter, named)
     merged = merge_exact(trained, run_dir)
     del trained
     if device.type == "cuda":
@@ -434,16 +510,18 @@ def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap:
             tried.append(measure_saved(tmp, rows, reference, name, device, config.trust_remote_code,
                                        Wait(progress, f"measuring the saved {name} model", len(rows))))
             log(f"{name}: {tried[-1].mean:.3g} nats per token from the trained model (limit {max_gap:g})")
-            if passes(tried[-1], max_gap):
+            if passes(tried[-1], max_gap, trained_vs_base):
                 chosen = tried[-1]
                 break
             clear_folder(tmp)
         if chosen is None or (dtype != "auto" and chosen.dtype != dtype):
-            raise _miss(dtype, tried, max_gap)
-        result = MergeResult(output, chosen.dtype, chosen, tried, max_gap, folder_bytes(tmp), notes)
+            raise _miss(dtype, tried, max_gap, trained_vs_base)
+        result = MergeResult(output, chosen.dtype, chosen, tried, max_gap, folder_bytes(tmp), notes, named,
+                             trained_vs_base)
         (tmp / "README.md").write_text(model_card(run_dir, output, config, result), encoding="utf-8")
         info = {"run": str(run_dir.resolve()), "model": config.model, "base": "dequantized" if config.load_in_4bit else "float",
                 "dtype": result.dtype, "max_gap": max_gap, "gap": asdict(result.gap), "tried": [asdict(t) for t in tried],
-                "trust_remote_code": config.trust_remote_code}
+                "trust_remote_code": config.trust_remote_code, "check_rows": named,
+                "trained_vs_base": asdict(trained_vs_base)}
         write_merge_info(tmp, info)
     return result

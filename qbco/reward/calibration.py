@@ -7,6 +7,10 @@ rows, and every later p(up) is
     p_up = sigmoid(a * (r - delta) + b)
 
 a > 0 keeps the order of the rows (ROC-AUC, best-of-n and the 0.5 rule of r - delta are unchanged when b = 0).
+A fit is kept only when it can be trusted (`calibrate`): non-finite margins are dropped and counted, at least
+MIN_ROWS finite rows of both classes, a slope a > 0, and a lower log-loss than identity on rows each fold's fit
+did not see (K_FOLDS-fold cross-validation). Otherwise identity is kept, and its note says why; nothing here
+raises on bad numbers, so a finished training never ends in a traceback here.
 Pure functions of margins and labels; the model side is in qbco/eval/score.py and qbco/eval/evaluate.py.
 """
 
@@ -18,6 +22,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from qbco.reward import metrics
+
+MIN_ROWS = 20  # finite rows needed to fit two numbers and check them on rows the fit did not see
+K_FOLDS = 5
 
 
 @dataclass(frozen=True)
@@ -31,11 +38,13 @@ class Calibration:
     fit_on: str | None = None
     rows: int = 0
     note: str | None = None
-    # On the rows it was fit on (optimistic for "after": the fit saw them).
+    # Out of fold: each row's "after" from the fit of the folds that did not hold it (K_FOLDS-fold cross-validation).
     ece_before: float | None = None
     ece_after: float | None = None
     log_loss_before: float | None = None
     log_loss_after: float | None = None
+    dropped: int = 0  # rows left out because their margin was not finite (NaN, inf)
+    checked_on: str | None = None  # how the fit was checked on rows it did not see
 
     def p_up(self, margins) -> np.ndarray:
         """sigmoid(a * m + b) of margins m = r - delta, float64."""
@@ -44,8 +53,9 @@ class Calibration:
     def describe(self) -> str:
         if self.method == "identity":
             return f"identity, p_up = sigmoid(r - delta) ({self.note})"
+        dropped = f"; {self.note}" if self.dropped and self.note else ""
         return (f"Platt, p_up = sigmoid({self.a:.4g} (r - delta) {self.b:+.4g}), fit on {self.rows} rows of {self.fit_on} "
-                f"(their ECE {self.ece_before:.4f} -> {self.ece_after:.4f})")
+                f"(their ECE {self.ece_before:.4f} -> {self.ece_after:.4f} {self.checked_on or 'on the rows fit'}{dropped})")
 
     def to_dict(self) -> dict:
         return {"formula": "p_up = sigmoid(a * (r - delta) + b)", **asdict(self)}
@@ -55,8 +65,8 @@ class Calibration:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def identity(note: str) -> Calibration:
-    return Calibration(note=note)
+def identity(note: str, dropped: int = 0) -> Calibration:
+    return Calibration(note=note, dropped=dropped)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -111,27 +121,94 @@ def fit_beats_identity(margins, labels, a: float, b: float) -> bool:
     return cross_entropy(margins, t, a, b) <= cross_entropy(margins, t, 1.0, 0.0) + 1e-9
 
 
-def calibrate(margins, labels, fit_on: str) -> Calibration:
-    """The Platt scale of these rows (margins r - delta, thumbs-up labels), or identity with the reason:
-    no rows, one class only, or a fit that fails its check."""
-    m = np.asarray(margins, dtype=np.float64)
+def folds(labels, k: int = K_FOLDS) -> np.ndarray:
+    """Each row's fold, 0..k-1: the rows of each class dealt out in turn (in their order), so every fold holds
+    both classes when each class has at least k rows. Deterministic: no seed."""
     y = np.asarray(labels, dtype=bool)
+    fold = np.empty(len(y), dtype=int)
+    for cls in (True, False):
+        where = np.flatnonzero(y == cls)
+        fold[where] = np.arange(len(where)) % k
+    return fold
+
+
+def out_of_fold(margins, labels, k: int = K_FOLDS) -> np.ndarray | None:
+    """Each row's Platt p_up from the fit on the other k - 1 folds (cross-validation), or None when a fold's
+    fit is impossible (one class in the other folds) or not finite."""
+    m, y = np.asarray(margins, dtype=np.float64), np.asarray(labels, dtype=bool)
+    fold, p = folds(y, k), np.empty(len(m))
+    for f in range(k):
+        rest = fold != f
+        if y[rest].all() or not y[rest].any():
+            return None
+        a, b = fit_platt(m[rest], y[rest])
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return None
+        p[~rest] = _sigmoid(a * m[~rest] + b)
+    return p
+
+
+def calibrate(margins, labels, fit_on: str) -> Calibration:
+    """The Platt scale of these rows (margins r - delta, thumbs-up labels), or identity with the reason. Kept
+    only when every rule holds, in this order:
+
+        rows with a non-finite margin are left out (counted in `dropped`; all of them: identity)
+        n >= MIN_ROWS finite rows, both classes among them
+        the fit on all n rows has a finite slope a > 0 (a <= 0 would reverse or erase the order of the rows)
+        log-loss of the out-of-fold p_up (each row scored by the fit of the K_FOLDS - 1 folds without it)
+            <  log-loss of identity's sigmoid(m) on the same rows
+
+    ece/log_loss before and after are those out-of-fold figures: honest, not measured on the rows fit."""
+    m = np.asarray(margins, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=bool).reshape(-1)
+    finite = np.isfinite(m)
+    dropped = int((~finite).sum())
+    left_out = f"; {dropped} of {len(m)} rows left out: their margin r - delta is not finite" if dropped else ""
+    if len(m) and not finite.any():
+        return identity(f"every one of the {len(m)} rows of {fit_on} has a non-finite margin r - delta (NaN or inf); "
+                        "no calibration fit", dropped)
+    m, y = m[finite], y[finite]
     if len(m) == 0:
         return identity(f"no rows to fit on ({fit_on})")
     if y.all() or not y.any():
-        return identity(f"the {len(m)} rows of {fit_on} hold one class only")
-    a, b = fit_platt(m, y)
+        return identity(f"the {len(m)} rows of {fit_on} hold one class only{left_out}", dropped)
+    if len(m) < MIN_ROWS:
+        return identity(f"only {len(m)} rows of {fit_on}: a fit needs at least {MIN_ROWS} to be checked on rows it "
+                        f"did not see{left_out}", dropped)
+    try:
+        a, b = fit_platt(m, y)
+        held = out_of_fold(m, y)
+    except (ValueError, FloatingPointError) as err:  # scikit-learn's refusal of what it cannot fit
+        return identity(f"the Platt fit on {fit_on} failed ({err}){left_out}", dropped)
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return identity(f"the Platt fit on {fit_on} is not finite (a {a:.3g}, b {b:.3g}){left_out}", dropped)
+    if a <= 0:
+        return identity(f"the Platt fit on {fit_on} has a slope a = {a:.3g} <= 0 (a higher reward would mean a "
+                        f"thumbs-down is likelier); refused{left_out}", dropped)
     if not fit_beats_identity(m, y, a, b):
-        return identity(f"the Platt fit on {fit_on} did worse than identity on its own rows (a {a:.3g}, b {b:.3g})")
-    raw, scaled = _sigmoid(m), _sigmoid(a * m + b)
-    note = "a < 0: on these rows a higher reward means a thumbs-down is likelier" if a < 0 else None
-    return Calibration(a, b, "platt", fit_on, len(m), note, metrics.ece(raw, y), metrics.ece(scaled, y), _log_loss(raw, y), _log_loss(scaled, y))
+        return identity(f"the Platt fit on {fit_on} did worse than identity on its own rows (a {a:.3g}, b {b:.3g})"
+                        f"{left_out}", dropped)
+    raw = _sigmoid(m)
+    checked = f"out of fold, {K_FOLDS}-fold cross-validation"
+    if held is None:
+        return identity(f"the Platt fit on {fit_on} could not be checked on rows it did not see (a fold with one "
+                        f"class){left_out}", dropped)
+    before, after = _log_loss(raw, y), _log_loss(held, y)
+    if not after < before:
+        return identity(f"the Platt fit on {fit_on} did not beat identity on rows it did not see (log-loss {after:.4f} "
+                        f"vs {before:.4f}, {checked}){left_out}", dropped)
+    return Calibration(a, b, "platt", fit_on, len(m), left_out.removeprefix("; ") or None, metrics.ece(raw, y),
+                       metrics.ece(held, y), before, after, dropped, checked)
 
 
 def figures(probs, labels) -> dict:
     """ECE, log-loss, Brier score and reliability bins of calibrated p_up on labelled rows (qbco/reward/metrics.py's
     definitions, as for sigmoid(r - delta))."""
     p, y = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=bool)
+    finite = np.isfinite(p)  # a non-finite reward gives no p_up: left out, as in metrics.binary_figures
+    p, y = p[finite], y[finite]
+    if not len(p):
+        return {"ece": None, "log_loss": None, "brier": None, "reliability": []}
     return {"ece": metrics.ece(p, y), "log_loss": _log_loss(p, y), "brier": float(metrics.brier_score_loss(y, p, pos_label=True)),
             "reliability": metrics.reliability_bins(p, y)}
 
@@ -144,4 +221,9 @@ def calibrate_held_out(margins, labels, fit_on: str) -> Calibration:
     """The end of training: the Platt scale of the held-out rows' r - delta (the run folder stores it); identity,
     saying so, when the run held out no rows."""
     m = np.asarray(margins, dtype=np.float64)
-    return calibrate(m, labels, fit_on) if len(m) else identity("the run held out no rows (eval_fraction 0)")
+    if not len(m):
+        return identity("the run held out no rows (eval_fraction 0)")
+    try:
+        return calibrate(m, labels, fit_on)
+    except Exception as err:  # noqa: BLE001 - the training is finished and saved; a calibration never undoes it
+        return identity(f"the Platt fit on {fit_on} failed ({type(err).__name__}: {err}); `qbco eval RUN` fits it again")

@@ -103,16 +103,50 @@ def best_f1_threshold(probs, labels) -> float | None:
     return float(thresholds[int(np.argmax(f1))])
 
 
+def finite_or_none(value: float) -> float | None:
+    """A figure, or None (JSON null: no figure) for a NaN or an infinity, which is not one."""
+    return value if value is None or math.isfinite(value) else None
+
+
+def held_out_figures(rewards, labels, delta: float) -> dict:
+    """Training's held-out line. Rows with a non-finite reward r (NaN, inf: an overflow) are counted in
+    eval_non_finite and left out of both figures, never folded into a class:
+
+        eval_reward_accuracy = mean over finite rows of [ (r - delta > 0) == label ]
+        eval_loss            = bco_loss of the finite rows (per-class means, beta 1, the final delta)
+
+    Each is None when no row is finite (or the loss itself is not finite); eval_rows counts every row."""
+    rewards = torch.as_tensor(rewards).double()
+    labels = torch.as_tensor(labels).bool()
+    finite = torch.isfinite(rewards)
+    r, y = rewards[finite], labels[finite]
+    loss = accuracy = None
+    if len(r):
+        loss = finite_or_none(float(bco_loss(r, torch.zeros_like(r), y, delta, beta=1.0).loss))
+        accuracy = float((((r - delta) > 0) == y).double().mean())
+    return {"eval_loss": loss, "eval_reward_accuracy": accuracy, "eval_rows": int(len(rewards)),
+            "eval_non_finite": int((~finite).sum())}
+
+
 def binary_figures(rewards, labels, delta: float, n_bins: int = N_BINS) -> dict:
     """Every figure of thumbs-up/down prediction with p(up) = sigmoid(r - delta).
 
     at_0.5 calls a row thumbs-up when p > 0.5, i.e. r - delta > 0 (training's eval_reward_accuracy);
     at_best_f1 when p >= the F1-best threshold, which it states. roc_auc / pr_auc are None when the rows
     hold one class only (pr_auc: no thumbs-up). log_loss is binary cross-entropy of p(up) per row (nats);
-    bco_loss is the training objective on these rows (per-class means, the same delta).
+    bco_loss is the training objective on these rows (per-class means, the same delta). Rows whose reward is
+    not finite are left out of every figure and counted in non_finite ("rows" counts the others).
     """
     rewards = torch.as_tensor(rewards)
     y = _labels(labels)
+    finite = torch.isfinite(rewards).cpu().numpy()
+    rewards, y = rewards[torch.from_numpy(finite)], y[finite]
+    if not len(y):
+        return {"rows": 0, "non_finite": int((~finite).sum()), "thumbs_up": 0, "thumbs_up_share": None, "roc_auc": None,
+                "pr_auc": None,
+                "at_0.5": {"threshold": 0.5, "reward_margin": 0.0, **dict.fromkeys(("accuracy", "precision", "recall", "f1"))},
+                "at_best_f1": None, "log_loss": None, "brier": None, "ece": None,
+                "bco_loss": None, "reliability": []}
     p = p_up(rewards, delta)
     both = bool(y.any() and (~y).any())
     at_half = _classification(y, margins(rewards, delta).cpu().numpy() > 0)
@@ -122,6 +156,7 @@ def binary_figures(rewards, labels, delta: float, n_bins: int = N_BINS) -> dict:
         at_best = {"threshold": t, "reward_margin": _logit(t), **_classification(y, p >= t)}
     return {
         "rows": int(len(y)),
+        "non_finite": int((~finite).sum()),
         "thumbs_up": int(y.sum()),
         "thumbs_up_share": float(y.mean()),
         "roc_auc": float(roc_auc_score(y, p)) if both else None,

@@ -267,6 +267,8 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise QbcoError(f"recipe not found: {path} (shipped recipes: {', '.join(shipped_recipes())}; or --recipe none)")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise QbcoError(f"{path}: not UTF-8 text (byte {err.start}); a damaged file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from qbco.common.errors import QbcoError
-from qbco.common.files import atomic_folder, write_text
+from qbco.common.files import atomic_folder, safetensors_damage, write_text
 from qbco.model.device import compute_dtype, default_device
 from qbco.model.fused_lora import fuse_lora
 from qbco.model.loading import load_base, load_tokenizer
@@ -108,7 +108,24 @@ class RunFolder:
         """The config of a finished run; the one error every command gives for a folder that is not one."""
         if not self.is_finished():
             raise QbcoError(f"{self.path} is not a finished qbco run (needs {CONFIG} and {ADAPTER}/)")
-        return self.config()
+        config = self.config()
+        self.check_adapter()
+        return config
+
+    def check_adapter(self) -> None:
+        """adapter/ whole: its peft config and tokenizer files JSON objects, its weights a complete safetensors
+        file. A file damaged after the run wrote it (cut short by a copy, edited) is one line naming it, before
+        any model loads, instead of a traceback from peft or safetensors."""
+        for name in (ADAPTER_CONFIG, *TOKENIZER_FILES):
+            path = self.adapter / name
+            if name == ADAPTER_CONFIG or path.is_file():
+                read_json(path, "the run's adapter")
+        weights = self.adapter / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise QbcoError(f"{weights} is missing: the run's adapter has no weights; restore it, or train the run again")
+        why = safetensors_damage(weights)
+        if why is not None:
+            raise QbcoError(f"{weights} is damaged ({why}); restore it from a copy, or train the run again")
 
     def config(self) -> TrainConfig:
         """The run's config, as it ran."""
@@ -136,7 +153,10 @@ class RunFolder:
         if not path.is_file():
             raise QbcoError(f"{path} is missing: a bco run saves its reward shift there; without it p(up) is unknown")
         shift = RewardShift()
-        shift.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            shift.load_state_dict(read_json(path, "the run's reward shift"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise QbcoError(f"{path} is damaged (no reward-shift state: {err}); restore it, or train the run again") from None
         return shift.delta
 
     def calibration(self) -> Calibration:
@@ -144,7 +164,11 @@ class RunFolder:
         whose end was cut short)."""
         if not self.calibration_file.is_file():
             return identity(f"no {CALIBRATION} in {self.path}; `qbco eval {self.path}` fits it on the held-out rows")
-        return Calibration.from_dict(json.loads(self.calibration_file.read_text(encoding="utf-8")))
+        values = read_json(self.calibration_file, "the run's calibration")
+        try:
+            return Calibration.from_dict(values)
+        except TypeError as err:
+            raise QbcoError(f"{self.calibration_file} is damaged ({err}); `qbco eval {self.path}` writes it again") from None
 
     def save_calibration(self, calibration: Calibration) -> Path:
         return write_text(self.calibration_file, json.dumps(calibration.to_dict(), indent=2, allow_nan=False) + "\n")
@@ -164,7 +188,7 @@ class RunFolder:
 
     def adapter_targets(self) -> list[str]:
         """The module names the run's adapter adapts (its peft config's target_modules)."""
-        adapter = json.loads((self.adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        adapter = read_json(self.adapter / ADAPTER_CONFIG, "the run's adapter")
         targets = adapter.get("target_modules") or []
         return [targets] if isinstance(targets, str) else list(targets)
 
@@ -185,7 +209,7 @@ class RunFolder:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "data"
         folder, n = self.path / f"{EVAL}-{slug}", 1
         while (folder / EVAL_FIGURES).is_file() and \
-                json.loads((folder / EVAL_FIGURES).read_text(encoding="utf-8")).get("data") != described:
+                _figures_of(read_json(folder / EVAL_FIGURES, "an earlier qbco eval's figures")) != described:
             n += 1
             folder = self.path / f"{EVAL}-{slug}-{n}"
         return folder
@@ -316,12 +340,48 @@ def read_checkpoint_files(folder: Path) -> tuple[dict, dict]:
     """(adapter tensors, training state) of a checkpoint; the state read with weights_only=True."""
     from safetensors.torch import load_file  # as peft: its import only where a checkpoint is read
 
-    return load_file(folder / ADAPTER_WEIGHTS), torch.load(folder / STATE_PT, weights_only=True)
+    weights, state = folder / ADAPTER_WEIGHTS, folder / STATE_PT
+    why = safetensors_damage(weights) if weights.is_file() else "missing"
+    if why is not None:
+        raise damaged_checkpoint(folder, f"{weights.name}: {why}")
+    try:
+        return load_file(weights), torch.load(state, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:  # torch.load of a file cut short: RuntimeError
+        first = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__  # torch's is a paragraph
+        raise damaged_checkpoint(folder, f"{state.name}: {first}") from None
 
 
 def checkpoint_record(folder: Path) -> dict:
     """state.json of a checkpoint: step, elapsed_s, shift, inputs (the fingerprint), world (processes)."""
-    return json.loads((folder / STATE_JSON).read_text())
+    try:
+        record = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise damaged_checkpoint(folder, f"{STATE_JSON}: {err}") from None
+    if not isinstance(record, dict) or "step" not in record:
+        raise damaged_checkpoint(folder, f"{STATE_JSON}: no step recorded")
+    return record
+
+
+def damaged_checkpoint(folder: Path, why: str) -> QbcoError:
+    earlier = [p for p in RunFolder(folder.parent.parent).checkpoints() if p.name < folder.name]
+    after = (f"remove {folder} to resume from {earlier[-1].name}" if earlier else
+             f"remove {folder} to start the run again from step 0")
+    return QbcoError(f"checkpoint {folder.name} is damaged ({why}); {after}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def read_json(path: Path, what: str):
+    """A JSON file of a run, or one line naming it: missing, not UTF-8, not JSON (a damaged file)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QbcoError(f"{path} is missing ({what}); restore it, or train the run again") from None
+    except UnicodeDecodeError as err:
+        raise QbcoError(f"{path} is damaged: not UTF-8 text (byte {err.start}) ({what}); restore it, or train the run again") from None
+    except ValueError as err:
+        raise QbcoError(f"{path} is damaged: not JSON ({err}) ({what}); restore it, or train the run again") from None
 
 
 # ------------------------------------------------------------ a merged folder
@@ -331,7 +391,29 @@ def merge_info(folder: str | Path) -> dict | None:
     """What `qbco merge` recorded in a merged folder (the run it came from, its base, the check), or None for a
     folder it did not write."""
     path = Path(folder) / MERGE_INFO
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    info = read_json(path, "what qbco merge recorded")
+    if not isinstance(info, dict):
+        raise QbcoError(f"{path} is damaged: not a JSON object (what qbco merge recorded)")
+    return info
+
+
+def check_model_files(folder: Path) -> None:
+    """A model folder (what qbco merge writes) whole before it loads: config.json and the tokenizer files JSON,
+    every .safetensors complete; one line naming a damaged file instead of a traceback."""
+    read_json(folder / "config.json", "the model's config")
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            read_json(folder / name, "the model's tokenizer")
+    for weights in sorted(folder.glob("*.safetensors")):
+        why = safetensors_damage(weights)
+        if why is not None:
+            raise QbcoError(f"{weights} is damaged ({why}); merge the run again (qbco merge RUN -o {folder} --overwrite)")
+
+
+def _figures_of(figures) -> str | None:
+    return figures.get("data") if isinstance(figures, dict) else None
 
 
 def write_merge_info(folder: Path, info: dict) -> None:

@@ -8,11 +8,13 @@ half-written last line, what a run killed while writing leaves, is skipped when 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qbco.common.errors import QbcoError
-from qbco.common.files import write_text
+from qbco.common.files import disk_full, write_text
 
 
 @dataclass
@@ -28,14 +30,18 @@ class Metrics:
 def read_metrics(path: str | Path) -> Metrics:
     """The records of a metrics log."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
+    lines = path.read_bytes().split(b"\n")
     metrics = Metrics()
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
         try:
+            line = raw.decode("utf-8")
             record = json.loads(line)
+        except UnicodeDecodeError:
+            if n == len(lines):  # a write cut short inside a character
+                continue
+            raise QbcoError(f"{path}: line {n} is not UTF-8 text (a damaged file)") from None
         except json.JSONDecodeError:
             if n == len(lines):  # the last line has no newline after it: a write that never finished
                 continue
@@ -62,14 +68,29 @@ class MetricsWriter:
     """Appends one record per line, flushed at once, so a reader (or a kill) sees whole lines but the last."""
 
     def __init__(self, path: Path):
+        self.path = Path(path)
         self.file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        """One line; a NaN or infinite figure is written as null (no figure), never as NaN (which is not JSON).
+        A full disk is one line naming the log and what is kept (a half line at its end is cut off on --resume)."""
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        try:
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
+            self.file.flush()
+        except OSError as err:
+            if not disk_full(err, self.path.parent):
+                raise
+            free = shutil.disk_usage(self.path.parent).free
+            raise QbcoError(f"the disk is full: appending to {self.path} failed with {free >> 20} MiB free there; the log "
+                            "keeps the lines before this one and the last checkpoint is intact. Free some space, then: "
+                            f"qbco train --resume {self.path.parent}") from None
 
     def __enter__(self) -> "MetricsWriter":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the flush of a line a full disk refused: already said, and --resume cuts it off
+            pass

@@ -119,11 +119,48 @@ def data_fingerprint(train_examples, eval_examples) -> dict[str, str]:
 def model_fingerprint(train_rows, eval_rows, base: str, load_in_4bit: bool, dtype: torch.dtype) -> dict[str, str]:
     """The token ids (the tokenizer, its chat template and the length limits decide them), the base and how
     it is loaded: the reference log-probs and every step's loss depend on them."""
-    return {
+    inputs = {
         "token ids": digest([[e.prompt_ids, e.completion_ids] for e in train_rows + eval_rows]),
         "base model": base_fingerprint(base),
         "loading of the base": f"{'4-bit' if load_in_4bit else 'not 4-bit'}, {str(dtype).removeprefix('torch.')}",
+        "library versions": library_versions(),
     }
+    if Path(base).is_dir():
+        inputs["base model weights"] = weights_sample(base)
+    return inputs
+
+
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
+# Parts of the fingerprint that a resume reports and does not refuse: a library upgraded under a run changes its
+# numbers a little (kernels, defaults), not which rows it trains on; the user is told which changed.
+WARN_ONLY = ("library versions",)
+
+
+def library_versions() -> str:
+    """'torch 2.8.0, transformers 4.57.1, peft 0.17.1, bitsandbytes 0.48.1' (a library not installed: 'absent')."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def one(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+    return ", ".join(f"{name} {one(name)}" for name in LIBRARIES)
+
+
+def weights_sample(base: str, blocks: int = 64, block: int = 1 << 16) -> str:
+    """A local base's weight files by `blocks` blocks of `block` bytes spread evenly over each (first and last
+    included) with their sizes: an edit anywhere but between the blocks changes it, at a cost of 4 MiB read per
+    file whatever its size (base_fingerprint reads only the first and last MiB)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(base).iterdir() if p.suffix == ".safetensors" and p.is_file()):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            for k in range(blocks):
+                f.seek(max(0, (size - block) * k // (blocks - 1)))
+                h.update(f.read(block))
+    return h.hexdigest()[:16]
 
 
 def base_fingerprint(base: str, sample: int = 1 << 20) -> str:
@@ -145,15 +182,30 @@ def base_fingerprint(base: str, sample: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
-def check_inputs(run_dir: Path, checkpoint: Path, saved: dict, now: dict) -> None:
-    """Refuse to resume when what a checkpoint recorded differs from the inputs now, naming each part."""
-    changed = [k for k in now if k in saved and saved[k] != now[k]]
+def check_inputs(run_dir: Path, checkpoint: Path, saved: dict, now: dict, log=None) -> None:
+    """Refuse to resume when what a checkpoint recorded differs from the inputs now, naming each part; the
+    library versions (WARN_ONLY) are a warning to `log` naming each library that changed."""
+    for part in WARN_ONLY:
+        if log is not None and part in now and part in saved and saved[part] != now[part]:
+            log(f"warning: {version_change(saved[part], now[part])} since {checkpoint.name} was written; the resumed "
+                "steps may differ slightly from those a straight run would have taken")
+    changed = [k for k in now if k in saved and saved[k] != now[k] and k not in WARN_ONLY]
     if not changed:
         return
     said = ", ".join(describe_change(k, saved[k], now[k]) for k in changed)
     raise QbcoError(f"--resume {run_dir}: the inputs changed since {checkpoint.name} was written: {said}. Resuming "
                     "would continue on another row order or another reference; restore them, or start a new run "
                     f"(qbco train --recipe {RunFolder(run_dir).config_file})")
+
+
+def version_change(then: str, now: str) -> str:
+    """'transformers 4.56.0 -> 4.57.1, bitsandbytes 0.48.1 -> absent' from two library_versions() strings."""
+    def parse(text: str) -> dict:
+        return dict(item.split(" ", 1) for item in text.split(", ") if " " in item)
+    a, b = parse(then), parse(now)
+    return ", ".join(f"{name} {a.get(name, 'absent')} -> {b.get(name, 'absent')}"
+                     for name in sorted(a.keys() | b.keys(), key=lambda n: (n not in LIBRARIES, n))
+                     if a.get(name) != b.get(name)) or "the library versions changed"
 
 
 def describe_change(part: str, then: str, now: str) -> str:

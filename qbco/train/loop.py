@@ -21,12 +21,14 @@ import torch
 from qbco.common.errors import TrainingStopped
 from qbco.common.launcher import launched_rank
 from qbco.common.progress import Wait
+from qbco.common.signals import interrupt_on_term
 from qbco.data.encoding import Encoded, collate
 from qbco.model.logprobs import completion_logps, dataset_logps
 from qbco.model.lora import reference
 from qbco.model.memory import Plan, out_of_memory_message
 from qbco.reward.calibration import Calibration, calibrate_held_out
-from qbco.reward.loss import bco_loss, implicit_rewards
+from qbco.reward.loss import implicit_rewards
+from qbco.reward.metrics import held_out_figures as held_out_record
 from qbco.reward.objectives import MicroBatch
 from qbco.run.config import TrainConfig
 from qbco.run.folder import RunFolder
@@ -51,7 +53,13 @@ class RunResult:
 def train(config: TrainConfig, progress=None, log=print, resume: str | Path | None = None, overwrite: bool = False) -> RunResult:
     """Run one training run as `config` says, or continue the run at `resume`; returns what the summary shows.
     Under torchrun or accelerate launch this is one rank of several (qbco/train/distributed.py): only rank 0 logs,
-    shows progress and writes."""
+    shows progress and writes. SIGTERM is Ctrl-C in every phase (the reference pass keeps its finished part; the
+    steps stop after the current one with a checkpoint)."""
+    with interrupt_on_term():
+        return _train(config, progress, log, resume, overwrite)
+
+
+def _train(config: TrainConfig, progress, log, resume: str | Path | None, overwrite: bool) -> RunResult:
     if launched_rank() != 0:
         progress, log = None, lambda message: None
     run = prepare_run(config, log, resume, overwrite, progress)
@@ -189,7 +197,8 @@ def mismatched_logps(run: Run, group: list[int], mine: slice) -> tuple[torch.Ten
 
 def held_out_figures(run: Run, progress=None) -> tuple[dict, torch.Tensor]:
     """eval_loss (BCO with the final delta, per-class means) and the share of held-out rows classified right
-    by sign(r - delta); delta is 0 for an objective that never shifts. Empty without held-out rows. Also
+    by sign(r - delta), non-finite rewards counted apart (qbco.reward.metrics.held_out_figures); delta is 0
+    for an objective that never shifts. Empty without held-out rows. Also
     every held-out row's r - delta, which the calibration is fit on."""
     if not run.eval_rows:
         return {}, torch.zeros(0)
@@ -200,10 +209,7 @@ def held_out_figures(run: Run, progress=None) -> tuple[dict, torch.Tensor]:
     rewards = implicit_rewards(policy, run.ref_eval, c.beta)
     labels = torch.tensor([e.label for e in run.eval_rows])
     delta = run.shift.delta
-    loss = bco_loss(rewards, torch.zeros_like(rewards), labels, delta, beta=1.0).loss
-    correct = ((rewards - delta) > 0) == labels
-    figures = {"eval_loss": float(loss), "eval_reward_accuracy": float(correct.float().mean()), "eval_rows": len(labels)}
-    return figures, rewards - delta
+    return held_out_record(rewards, labels, delta), rewards - delta  # non-finite rewards: counted, left out
 
 
 def out_of_memory(err: BaseException, run: Run, step: int) -> TrainingStopped:

@@ -139,7 +139,7 @@ def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None
                              for e in (train_examples, eval_examples))
     dtype = compute_dtype(config.dtype, device)
     inputs |= model_fingerprint(train_rows, eval_rows, base_path, config.load_in_4bit, dtype)
-    check_inputs(out, since, saved, inputs)
+    check_inputs(out, since, saved, inputs, log)  # a library upgraded under the run: a warning naming it
     describe_data(train_rows, eval_rows, log)
     recompute = apply_recompute(model, config, train_rows + eval_rows, device)  # k from the longest rows
     if recompute is not None:
