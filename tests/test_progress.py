@@ -137,3 +137,31 @@ def test_qbco_merge_shows_its_measuring(tmp_path, tiny_run):
     shown = runner.invoke(app, ["merge", str(tiny_run), "-o", str(tmp_path / "cli"), "--dtype", "fp32"], env={"COLUMNS": "200"})
     assert shown.exit_code == 0, shown.output
     assert "measuring the trained model" in shown.output and "measuring the saved fp32 model" in shown.output
+
+
+class FieldRecorder(Recorder):
+    """A Recorder that also keeps the figures shown beside the count (tps)."""
+
+    def update(self, task, advance=0, completed=None, **fields):
+        super().update(task, advance, completed)
+        self.tasks[task].setdefault("fields", []).append(fields)
+
+
+def test_eval_generate_shows_the_prompts_answered_and_tokens_per_second(tmp_path, tiny_run, monkeypatch):
+    """qbco eval --generate: base then tuned on one bar, prompt after prompt, with tokens/s; then the scoring of
+    the answers. The base's answers are not in the (fresh) answer cache, so both really answer."""
+    import shutil
+
+    from qbco.eval.evaluate import evaluate
+    from qbco.eval.generate import Sampling
+
+    monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("qbco.eval.generate.BATCH", 2)  # several batches: the bar moves between them
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    sink = FieldRecorder()
+    evaluate(run, generate=Sampling(max_new_tokens=4), max_prompts=5, progress=sink, log=lambda m: None)
+    (answering,) = sink.named("answering: base, then tuned")
+    assert answering["total"] == 10 and answering["completed"] == [0, 2, 4, 5, 7, 9, 10]
+    assert all(f["tps"] > 0 for f in answering["fields"])
+    (scoring,) = sink.named("scoring the answers: policy, then reference")
+    assert scoring["total"] == 20 and scoring["completed"][-1] == 20

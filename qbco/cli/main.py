@@ -71,11 +71,14 @@ def _quiet_libraries() -> None:
 
 
 class _StepFigures(ProgressColumn):
-    """The training bar's loss, delta and tokens/s; nothing on the bars of the waits around it."""
+    """The training bar's loss, delta and tokens/s; a wait's tokens/s where it says them (eval --generate's
+    answering); nothing on the other bars."""
 
     def render(self, task) -> Text:
         f = task.fields
-        return Text(f"loss {f['loss']:.4f}  delta {f['delta']:+.4f}  {f['tps']:.0f} tok/s" if "loss" in f else "")
+        if "loss" in f:
+            return Text(f"loss {f['loss']:.4f}  delta {f['delta']:+.4f}  {f['tps']:.0f} tok/s")
+        return Text(f"{f['tps']:.1f} tok/s" if "tps" in f else "")
 
 
 def _progress() -> Progress:
