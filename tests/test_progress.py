@@ -165,3 +165,19 @@ def test_eval_generate_shows_the_prompts_answered_and_tokens_per_second(tmp_path
     assert all(f["tps"] > 0 for f in answering["fields"])
     (scoring,) = sink.named("scoring the answers: policy, then reference")
     assert scoring["total"] == 20 and scoring["completed"][-1] == 20
+
+
+def test_train_says_one_memory_estimate_the_one_it_uses(tmp_path, tiny_model_dir, separable_file):
+    """One line before the model loads, planned from the rows' lengths: the layers it names are those the run
+    recomputes (it used to say 'every layer checkpointed' first and the plan's own line after loading)."""
+    from qbco.model.memory import GiB, describe
+
+    lines = []
+    config = settings(tmp_path, tiny_model_dir, separable_file, "run", max_steps=1, memory_budget=50.0)
+    result = train(config, log=lines.append)
+    said = [line for line in lines if "memory estimate" in line]
+    assert len(said) == 1
+    plan = result.recompute
+    assert describe(plan.estimate.n_layers, plan.every_n) in said[0]
+    assert f"memory estimate {plan.estimate.total(plan.every_n) / GiB:.2f} GiB" in said[0]
+    assert lines.index(said[0]) < next(i for i, line in enumerate(lines) if line.startswith("reference log-probs"))
