@@ -162,6 +162,13 @@ class _Added:
         self.id, self.content, self.special = id, content, special
 
 
+def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor the file holds: a tied head is the embedding (llama.cpp reads token_embd
+    for it when output.weight is absent), and rotary tables are recomputed by every reader."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    return [(k, v) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight") and "rotary_emb" not in k]
+
+
 def write_gguf(model, tokenizer, path: Path, kind: str, name: str, done=lambda n: None, permute: bool = True) -> int:
     """Write `model` (a float Llama or Qwen2, merged) as one GGUF file of type `kind`; returns its tensor count.
     `done(n)` is told the tensors converted so far. `permute=False` leaves Llama's q/k rows in Hugging Face's
@@ -191,9 +198,7 @@ def write_gguf(model, tokenizer, path: Path, kind: str, name: str, done=lambda n
     tokenizer_metadata(writer, tokenizer, c)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
-    state = model.state_dict()
-    tied = getattr(c, "tie_word_embeddings", False)
-    items = [(k, v) for k, v in state.items() if not (tied and k == "lm_head.weight") and "rotary_emb" not in k]
+    items = gguf_tensors(model)
     for n, (key, value) in enumerate(items, start=1):
         new = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if new is None:
@@ -340,8 +345,8 @@ def merge_gguf(run_dir: str | Path, output: str | Path, kind: str, max_gap: floa
 
     file_name = gguf_file_name(output, kind)
     with atomic_folder(output) as tmp:
-        count = sum(1 for k in merged.state_dict() if "rotary_emb" not in k)
-        write_gguf(merged, tokenizer, tmp / file_name, kind, output.name, Wait(progress, f"writing GGUF {kind}", count),
+        write_gguf(merged, tokenizer, tmp / file_name, kind, output.name,
+                   Wait(progress, f"writing GGUF {kind}", len(gguf_tensors(merged))),
                    permute=permute)
         del merged
         _release()

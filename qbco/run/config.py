@@ -84,7 +84,7 @@ class TrainConfig:
     save_every: int = setting(50, "Optimizer steps between checkpoints; one is always written at the end and on Ctrl-C.")
     keep: int = setting(2, "Checkpoints kept in RUN/checkpoints.")
     report_to: str = setting("none", "Also send every metrics record, the config and the held-out figures to trackers: "
-                             "tensorboard, wandb, mlflow, trackio, several joined by commas, or none (metrics.jsonl is "
+                             "tensorboard, wandb, mlflow, trackio, several joined by commas, or none (the run's metrics log is "
                              "always written). Offline by default: TensorBoard and MLflow files in the run folder, W&B "
                              "offline unless WANDB_MODE is set, Trackio's local store. Each is an extra: pip install "
                              "'qbco[tensorboard]' (see docs/trackers.md).")

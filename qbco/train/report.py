@@ -1,6 +1,6 @@
 """`qbco train --report-to`: the metrics log's records, the resolved config and the held-out figures, also sent to
 experiment trackers (TensorBoard, Weights & Biases, MLflow, Trackio) through each tracker's own client, under the
-run's name. metrics.jsonl is always written; a tracker is an optional extra (`pip install 'qbco[mlflow]'`).
+run's name. The run's metrics log is always written; a tracker is an optional extra (`pip install 'qbco[mlflow]'`).
 
 Offline by default where the tracker has such a mode: TensorBoard event files and an MLflow SQLite store in the run
 folder (unless MLFLOW_TRACKING_URI names another), W&B offline in the run folder (unless WANDB_MODE says otherwise;
@@ -182,7 +182,7 @@ class Reported:
         except Exception as err:  # a tracker's own failure (a full disk, a server gone): the run goes on without it
             self.trackers.pop(tracker, None)
             self.log(f"--report-to {tracker}: {what} failed ({type(err).__name__}: {err}); no more reports to it, "
-                     f"metrics.jsonl goes on")
+                     f"the metrics log goes on")
 
     def _where(self) -> str:
         places = []
