@@ -262,15 +262,18 @@ def modelfile(file_name: str, tokenizer) -> str:
     lines = [f"# ollama create NAME -f {MODELFILE}; ollama run NAME", f"FROM ./{file_name}"]
     template = tokenizer.chat_template or ""
     if "<|im_start|>" in template:
-        lines += ['TEMPLATE """{{- if .System }}<|im_start|>system',
+        # ChatML as LLaMA-Factory's Modelfile export writes it: the system prompt once, then user and assistant turns
+        lines += ['TEMPLATE """{{ if .System }}<|im_start|>system',
                   "{{ .System }}<|im_end|>",
-                  "{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}",
+                  '{{ end }}{{ range .Messages }}{{ if eq .Role "user" }}<|im_start|>user',
                   "{{ .Content }}<|im_end|>",
-                  '{{ end }}<|im_start|>assistant', '"""',
+                  "<|im_start|>assistant",
+                  '{{ else if eq .Role "assistant" }}{{ .Content }}<|im_end|>',
+                  '{{ end }}{{ end }}"""',
                   'PARAMETER stop "<|im_end|>"']
-        system = re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>", template)
-        if system:
-            lines.append(f'SYSTEM "{system.group(1)}"')
+        system = re.search(r"<\|im_start\|>system(?:\\n|\n)(.*?)<\|im_end\|>", template)
+        if system:  # the default system prompt the template adds when a conversation has none (SmolLM2's)
+            lines.append(f'SYSTEM """{system.group(1)}"""')
     return "\n".join(lines) + "\n"
 
 
