@@ -427,6 +427,7 @@ def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap:
             # fp32 is always the last to try: the merged model itself is saved and then let go before the
             # reload; a narrower dtype is saved from a cast copy, keeping the fp32 model for the next one.
             out_model = merged if name == "fp32" else cast_copy(merged, DTYPES[name])
+            log(f"saving the merged model in {name}; then reloading it to measure")  # a stage with no bar: say it
             save_merged(out_model, tokenizer, tmp)
             del out_model
             if name == "fp32":
