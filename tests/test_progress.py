@@ -98,10 +98,10 @@ def test_the_conversion_hides_the_loaders_bars(capfd):
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    from qbco.model.names import _no_bars
+    from qbco.model.names import no_bars
 
-    assert hasattr(gguf_utils, "tqdm")  # the name the GGUF loader calls; _no_bars replaces it
-    with _no_bars():
+    assert hasattr(gguf_utils, "tqdm")  # the name the GGUF loader calls; no_bars replaces it
+    with no_bars():
         list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
         list(hf_logging.tqdm(range(3), desc="Loading weights"))
     assert capfd.readouterr().err == ""
