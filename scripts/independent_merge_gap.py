@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/independent_merge_gap.py RUN OUT            # the first 32 held-out demo rows
     .venv/bin/python scripts/independent_merge_gap.py RUN OUT --rows 24 --data feedback.jsonl --base /path/to/model
+    .venv/bin/python scripts/independent_merge_gap.py RUN GGUF_OUT       # a `qbco merge --gguf` folder: its .gguf file
 
 OUT is loaded with plain transformers as a user would (its saved dtype, no peft); the trained model is the
 run's base loaded with bitsandbytes as qbco trains it (NF4, double quantization, uint8 storage, fp32 compute on
@@ -78,7 +79,9 @@ def main() -> None:
     encoded = [encode(r, tokenizer, config["max_prompt_length"], config["max_completion_length"])
                for r in rows_of(data, args.rows)]
 
-    merged = AutoModelForCausalLM.from_pretrained(args.out).eval()  # plain transformers, the saved dtype
+    gguf = next(args.out.glob("*.gguf"), None)  # a `qbco merge --gguf` folder: transformers' GGUF loader dequantizes it
+    merged = (AutoModelForCausalLM.from_pretrained(args.out, gguf_file=gguf.name, dtype=torch.float32) if gguf else
+              AutoModelForCausalLM.from_pretrained(args.out)).eval()  # plain transformers, the saved dtype
     out_logps = [logps(merged, p, c) for p, c in encoded]
     out_dtype = str(merged.dtype)
     del merged

@@ -150,9 +150,9 @@ def test_base_answers_are_cached_for_the_next_run(folders, tmp_path, monkeypatch
     real = gen.complete_all
     calls = []
 
-    def counting(model, tokenizer, prompts, sampling, device, batch_size=gen.BATCH):
+    def counting(model, tokenizer, prompts, sampling, device, batch_size=None, **progress):
         calls.append(sampling.max_new_tokens)
-        return real(model, tokenizer, prompts, sampling, device, batch_size)
+        return real(model, tokenizer, prompts, sampling, device, batch_size, **progress)
 
     monkeypatch.setattr(gen, "complete_all", counting)
     first, _ = gen.generate(run, PROMPTS, SHORT, compare=True, device=CPU)

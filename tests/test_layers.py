@@ -69,7 +69,8 @@ IMPORTS_FOR_START_UP = {
     ("qbco/__init__.py", "qbco.eval.score"),  # `import qbco` without torch; Scorer on first use
     ("qbco/run/config.py", "qbco.reward.objectives"),  # TrainConfig's checks; --help reads the config's fields
     *{("qbco/cli/main.py", m) for m in ("qbco.run.folder", "qbco.train.loop", "qbco.eval.evaluate", "qbco.eval.generate",
-                                       "qbco.eval.score", "qbco.eval.plot", "qbco.export.merge")},
+                                       "qbco.eval.score", "qbco.eval.plot", "qbco.export.merge",
+                                       "qbco.export.gguf")},  # merge --gguf: torch, transformers, gguf
 }
 
 

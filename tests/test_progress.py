@@ -98,10 +98,10 @@ def test_the_conversion_hides_the_loaders_bars(capfd):
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    from qbco.model.names import _no_bars
+    from qbco.model.names import no_bars
 
-    assert hasattr(gguf_utils, "tqdm")  # the name the GGUF loader calls; _no_bars replaces it
-    with _no_bars():
+    assert hasattr(gguf_utils, "tqdm")  # the name the GGUF loader calls; no_bars replaces it
+    with no_bars():
         list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
         list(hf_logging.tqdm(range(3), desc="Loading weights"))
     assert capfd.readouterr().err == ""
@@ -137,3 +137,47 @@ def test_qbco_merge_shows_its_measuring(tmp_path, tiny_run):
     shown = runner.invoke(app, ["merge", str(tiny_run), "-o", str(tmp_path / "cli"), "--dtype", "fp32"], env={"COLUMNS": "200"})
     assert shown.exit_code == 0, shown.output
     assert "measuring the trained model" in shown.output and "measuring the saved fp32 model" in shown.output
+
+
+class FieldRecorder(Recorder):
+    """A Recorder that also keeps the figures shown beside the count (tps)."""
+
+    def update(self, task, advance=0, completed=None, **fields):
+        super().update(task, advance, completed)
+        self.tasks[task].setdefault("fields", []).append(fields)
+
+
+def test_eval_generate_shows_the_prompts_answered_and_tokens_per_second(tmp_path, tiny_run, monkeypatch):
+    """qbco eval --generate: base then tuned on one bar, prompt after prompt, with tokens/s; then the scoring of
+    the answers. The base's answers are not in the (fresh) answer cache, so both really answer."""
+    import shutil
+
+    from qbco.eval.evaluate import evaluate
+    from qbco.eval.generate import Sampling
+
+    monkeypatch.setenv("QBCO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("qbco.eval.generate.BATCH", 2)  # several batches: the bar moves between them
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    sink = FieldRecorder()
+    evaluate(run, generate=Sampling(max_new_tokens=4), max_prompts=5, progress=sink, log=lambda m: None)
+    (answering,) = sink.named("answering: base, then tuned")
+    assert answering["total"] == 10 and answering["completed"] == [0, 2, 4, 5, 7, 9, 10]
+    assert all(f["tps"] > 0 for f in answering["fields"])
+    (scoring,) = sink.named("scoring the answers: policy, then reference")
+    assert scoring["total"] == 20 and scoring["completed"][-1] == 20
+
+
+def test_train_says_one_memory_estimate_the_one_it_uses(tmp_path, tiny_model_dir, separable_file):
+    """One line before the model loads, planned from the rows' lengths: the layers it names are those the run
+    recomputes (it used to say 'every layer checkpointed' first and the plan's own line after loading)."""
+    from qbco.model.memory import GiB, describe
+
+    lines = []
+    config = settings(tmp_path, tiny_model_dir, separable_file, "run", max_steps=1, memory_budget=50.0)
+    result = train(config, log=lines.append)
+    said = [line for line in lines if "memory estimate" in line]
+    assert len(said) == 1
+    plan = result.recompute
+    assert describe(plan.estimate.n_layers, plan.every_n) in said[0]
+    assert f"memory estimate {plan.estimate.total(plan.every_n) / GiB:.2f} GiB" in said[0]
+    assert lines.index(said[0]) < next(i for i, line in enumerate(lines) if line.startswith("reference log-probs"))

@@ -86,7 +86,7 @@ def bad_inputs(tmp: Path, model_dir: Path) -> dict:
         "resume without a run": (["--resume", str(other)], "no qbco run there"),
         "resume with flags": (["--resume", str(held), "--beta", "1"],
                               "--beta cannot change (flags allowed with --resume: --lr, --max-steps, --epochs, --save-every, "
-                              "--keep, --memory-budget, --gradient-checkpointing, --quiet)"),
+                              "--keep, --memory-budget, --gradient-checkpointing, --report-to, --quiet)"),
         "resume with overwrite": (["--resume", str(held), "--overwrite"], "--overwrite has no effect with --resume"),
         "ema decay without bco": (m + ["--data", str(ok), "--loss", "bce", "--ema-decay", "0.5"],
                                   "--ema-decay has no effect with --loss bce (only bco uses it)"),

@@ -78,11 +78,14 @@ def _quiet_libraries() -> None:
 
 
 class _StepFigures(ProgressColumn):
-    """The training bar's loss, delta and tokens/s; nothing on the bars of the waits around it."""
+    """The training bar's loss, delta and tokens/s; a wait's tokens/s where it says them (eval --generate's
+    answering); nothing on the other bars."""
 
     def render(self, task) -> Text:
         f = task.fields
-        return Text(f"loss {f['loss']:.4f}  delta {f['delta']:+.4f}  {f['tps']:.0f} tok/s" if "loss" in f else "")
+        if "loss" in f:
+            return Text(f"loss {f['loss']:.4f}  delta {f['delta']:+.4f}  {f['tps']:.0f} tok/s")
+        return Text(f"{f['tps']:.1f} tok/s" if "tps" in f else "")
 
 
 def _progress() -> Progress:
@@ -278,17 +281,30 @@ def plot(
 @app.command()
 def merge(
     run_dir: Path = typer.Argument(..., help="A finished qbco run."),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder to write: a standard Hugging Face model (safetensors, config, tokenizer, README)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write: a standard Hugging Face model (safetensors, config, tokenizer, README); with --gguf, OUTPUT/OUTPUT-TYPE.gguf, an Ollama Modelfile and a README."),
     dtype: str = typer.Option("auto", help="Weights of the merged model: auto (the smallest of bf16, fp16, fp32 within --max-gap), bf16, fp16 or fp32. Never 4-bit: it rounds the update away."),
-    max_gap: float = typer.Option(0.05, "--max-gap", help="Fail (nothing written) when OUTPUT's mean |delta log p| per completion token against the trained model exceeds this, in nats (its worst row: 4 times this; and OUTPUT must keep at least half of the trained model's own gap to its base)."),
+    gguf: Optional[str] = typer.Option(None, "--gguf", help="Write one GGUF file instead (llama.cpp, LM Studio, Ollama): f16, bf16, q8_0 or q4_0; Llama (SmolLM2, Llama 3) and Qwen2 bases. Read back by transformers and checked like the safetensors merge (docs/merge.md)."),
+    max_gap: Optional[float] = typer.Option(None, "--max-gap", help="Fail (nothing written) when OUTPUT's mean |delta log p| per completion token against the trained model exceeds this, in nats (its worst row: 4 times this; and OUTPUT must keep at least half of the trained model's own gap to its base). (default: 0.05; with --gguf the type's: f16 and bf16 0.05, q8_0 0.1, q4_0 0.6)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when there is one); --device cpu merges a model too big for the GPU in RAM."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists (only a model folder)."),
 ) -> None:
     """Merge a run's LoRA adapter and save a model that loads without peft and answers like the trained one."""
     with user_errors():
         _quiet_libraries()
+        if gguf is not None:
+            if dtype != "auto":
+                raise QbcoError("--dtype sets the safetensors merge's weights; --gguf TYPE sets the GGUF file's: drop one")
+            from qbco.export.gguf import merge_gguf
+
+            with _progress() as progress:
+                result = merge_gguf(run_dir, output, gguf, max_gap=max_gap, overwrite=overwrite, device=device, log=_log,
+                                    progress=progress)
+            Console().print(tables.gguf_table(result))
+            return
+        from qbco.export.merge import DEFAULT_MAX_GAP
         from qbco.export.merge import merge as run_merge
 
+        max_gap = DEFAULT_MAX_GAP if max_gap is None else max_gap
         with _progress() as progress:
             result = run_merge(run_dir, output, dtype=dtype, max_gap=max_gap, overwrite=overwrite, device=device,
                                log=_log, progress=progress)

@@ -207,6 +207,19 @@ def merge_table(result) -> Table:
     return table
 
 
+def gguf_table(result) -> Table:
+    """`qbco merge --gguf`'s result (a qbco.export.gguf.GgufResult)."""
+    gap = result.gap
+    same, compared = result.tokenizer_rows
+    table = Table(title=f"qbco merge --gguf {result.type}: {result.output}", show_header=False)
+    table.add_row("file", f"{result.file.name} ({result.size_bytes / 2**20:.1f} MiB), Modelfile beside it (ollama create)")
+    table.add_row("gap to the trained model", f"mean |delta log p| {gap.mean:.3g} nats/token, max {gap.max:.3g} "
+                  f"({gap.tokens} tokens of {gap.rows} held-out rows, read back by transformers; limit "
+                  f"{result.max_gap:g}): [green]passed[/]")
+    table.add_row("tokenizer", f"the file's own encodes {same} of {compared} rows as the run's does")
+    return table
+
+
 def answers_table(answers, target, kind: str, sampling, compare: bool) -> Table:
     """`qbco generate`'s answers (qbco.eval.generate.Answer), with --compare the base's beside them."""
     table = Table(title=f"qbco generate: {target} ({kind})", caption=sampling.describe(), show_lines=True)

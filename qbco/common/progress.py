@@ -15,13 +15,14 @@ class Wait:
     def __init__(self, progress, description: str, total: int):
         self.progress, self.description, self.total, self.task = progress, description, total, None
 
-    def __call__(self, done: int) -> None:
+    def __call__(self, done: int, **fields) -> None:
+        """`fields`: figures the bar shows beside the count (tps: tokens per second)."""
         if self.progress is None:
             return
         if self.task is None:
             self.task = self.progress.add_task(self.description, total=self.total)
-        self.progress.update(self.task, completed=done)
+        self.progress.update(self.task, completed=done, **fields)
 
     def after(self, offset: int):
         """The same task counted on from `offset` rows: a second pass that belongs to the same wait."""
-        return lambda done: self(offset + done)
+        return lambda done, **fields: self(offset + done, **fields)

@@ -133,7 +133,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, slice_by: str | None 
     out = folder.eval_folder(data, described)
     records = None
     if generate is not None:
-        records, kind = answers(run_dir, config, tokenizer, model, entries, delta, generate, size, log)
+        records, kind = answers(run_dir, config, tokenizer, model, entries, delta, generate, size, log, progress)
         report["generation"] = answer_figures(records, slice_by)
         report["generation_kind"], report["sampling"] = kind.removeprefix("run: "), generate.describe()
     binary = report["overall"]["binary"]
@@ -174,7 +174,7 @@ def distinct_prompts(examples: list[Example], slice_by: str | None) -> list[dict
 
 
 def answers(run_dir: Path, config, tokenizer, model, entries: list[dict], delta: float, sampling, batch_size: int,
-            log=print) -> tuple[list[dict], str]:
+            log=print, progress=None) -> tuple[list[dict], str]:
     """Base and tuned answers to every prompt of `entries` (distinct_prompts; qbco.eval.generate: on a CPU the fp32
     twin of the 4-bit run), each scored under the run with the same passes as the rows (reward, p_up) and,
     where the prompt has a check, judged (success). One record per prompt, as generations.jsonl holds them;
@@ -184,7 +184,7 @@ def answers(run_dir: Path, config, tokenizer, model, entries: list[dict], delta:
     started = time.perf_counter()
     run = RunModels(run_dir, device)
     log(f"answering {len(entries)} prompts with base and tuned ({run.kind.removeprefix('run: ')}; {sampling.describe()})")
-    base, tuned = answer_both(run, [e["prompt"] for e in entries], sampling, device)
+    base, tuned = answer_both(run, [e["prompt"] for e in entries], sampling, device, progress=progress)
     kind = run.kind
     del run
     gc.collect()
@@ -194,8 +194,9 @@ def answers(run_dir: Path, config, tokenizer, model, entries: list[dict], delta:
     said = [Example(e["prompt"], text, False, e["source"]) for e, pair in zip(entries, zip(base, tuned)) for text in pair]
     encoded = encode_all(said, tokenizer, config.max_prompt_length, max(config.max_completion_length, sampling.max_new_tokens + 1))
     pad = tokenizer.pad_token_id
-    policy = dataset_logps(model, encoded, batch_size, pad, device, config.logprob_chunk)
-    reference = reference_logps(model, encoded, batch_size, pad, device, config.logprob_chunk)
+    wait = Wait(progress, "scoring the answers: policy, then reference", 2 * len(encoded))
+    policy = dataset_logps(model, encoded, batch_size, pad, device, config.logprob_chunk, wait)
+    reference = reference_logps(model, encoded, batch_size, pad, device, config.logprob_chunk, None, wait.after(len(encoded)))
     rewards = implicit_rewards(policy, reference, config.beta)
     probs = metrics.p_up(rewards, delta).tolist()
     records = []

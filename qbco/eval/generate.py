@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import transformers
 
 from qbco.common.errors import QbcoError
 from qbco.common.files import write_temp
+from qbco.common.progress import Wait
 from qbco.data.encoding import prompt_text
 from qbco.data.feedback import read_demo
 from qbco.data.reader import read_rows
@@ -166,9 +168,12 @@ def load_models(target: str | Path, compare: bool, device, path: str = "auto"):
 
 
 @torch.no_grad()
-def complete_all(model, tokenizer, prompts: list, sampling: Sampling, device, batch_size: int = BATCH) -> list[str]:
+def complete_all(model, tokenizer, prompts: list, sampling: Sampling, device, batch_size: int | None = None,
+                 done=lambda n, **fields: None) -> list[str]:
     """Answers to every prompt, formatted as in training (the chat template when the tokenizer has one),
-    `batch_size` prompts at a time, left-padded so that every row's answer starts where its prompt ends."""
+    `batch_size` prompts at a time, left-padded so that every row's answer starts where its prompt ends.
+    `done(n, tps=...)` hears the prompts answered so far and the tokens per second (a qbco.common.progress.Wait)."""
+    batch_size = batch_size or BATCH
     stops = stop_ids(model, tokenizer)
     options = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
                "eos_token_id": stops, "use_cache": True}
@@ -178,7 +183,7 @@ def complete_all(model, tokenizer, prompts: list, sampling: Sampling, device, ba
         options.update(do_sample=False)
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    answers = []
+    answers, tokens, started = [], 0, time.perf_counter()
     try:
         for start in range(0, len(prompts), batch_size):
             texts = [prompt_text(p, tokenizer) for p in prompts[start : start + batch_size]]
@@ -189,7 +194,10 @@ def complete_all(model, tokenizer, prompts: list, sampling: Sampling, device, ba
             torch.manual_seed(sampling.seed)
             out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **options)
             width = inputs["input_ids"].shape[1]
-            answers += [tokenizer.decode(until_stop(row[width:].tolist(), stops), skip_special_tokens=True).strip() for row in out]
+            kept = [until_stop(row[width:].tolist(), stops) for row in out]
+            answers += [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in kept]
+            tokens += sum(len(ids) for ids in kept)
+            done(len(answers), tps=tokens / max(time.perf_counter() - started, 1e-9))
     finally:
         tokenizer.padding_side = side
     return answers
@@ -247,19 +255,23 @@ def cached_answers(key: str, compute) -> list[str]:
     return value
 
 
-def answer_both(run: RunModels, prompts: list, sampling: Sampling, device, compare: bool = True) -> tuple[list[str] | None, list[str]]:
+def answer_both(run: RunModels, prompts: list, sampling: Sampling, device, compare: bool = True,
+                progress=None) -> tuple[list[str] | None, list[str]]:
     """(base answers or None, tuned answers) of a run's model to every prompt: the base first, while the
     adapter is still apart; the base's answers come from the answer cache when an earlier run on the same
-    base gave them (base_answers_key)."""
+    base gave them (base_answers_key). `progress` (the CLI's rich Progress, or None) shows the prompts answered
+    and the tokens per second, base then tuned on one bar."""
     base = None
+    wait = Wait(progress, "answering: base, then tuned" if compare else "answering", len(prompts) * (2 if compare else 1))
     if compare:
         def ask_base():
             with run.base():
-                return complete_all(run.model, run.tokenizer, prompts, sampling, device)
+                return complete_all(run.model, run.tokenizer, prompts, sampling, device, done=wait)
 
         base = cached_answers(base_answers_key(run, prompts, sampling), ask_base)
     with run.tuned():
-        tuned = complete_all(run.model, run.tokenizer, prompts, sampling, device)
+        tuned = complete_all(run.model, run.tokenizer, prompts, sampling, device,
+                             done=wait.after(len(prompts)) if compare else wait)
     return base, tuned
 
 

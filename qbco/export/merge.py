@@ -28,7 +28,7 @@ from qbco.model.device import compute_dtype, default_device
 from qbco.model.loading import load_base, load_tokenizer, to_fp32_compute
 from qbco.model.lora import EXCLUDED_TARGETS
 from qbco.model.memory import NF4_BYTES, GiB, estimate
-from qbco.model.names import hub_id, resolve_model
+from qbco.model.names import base_weights, hub_id, resolve_model
 from qbco.run.config import TrainConfig
 from qbco.run.folder import RunFolder, write_merge_info
 from qbco.run.metrics_log import Metrics
@@ -367,6 +367,7 @@ def model_card(run_dir: Path, output: Path, config: TrainConfig, result: MergeRe
         "",
         "| | |", "|---|---|",
         f"| base model | {config.model}{f' ({hub})' if hub and hub != config.model else ''} |",
+        f"| base weights | {base_weights(config.model, config.load_in_4bit)} |",
         f"| data | {config.data} |",
         f"| loss | {config.loss}, beta {config.beta} |",
         f"| LoRA | r {config.lora_r}, alpha {config.lora_alpha}, targets {config.lora_targets} |",
@@ -502,6 +503,7 @@ def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap:
             # fp32 is always the last to try: the merged model itself is saved and then let go before the
             # reload; a narrower dtype is saved from a cast copy, keeping the fp32 model for the next one.
             out_model = merged if name == "fp32" else cast_copy(merged, DTYPES[name])
+            log(f"saving the merged model in {name}; then reloading it to measure")  # a stage with no bar: say it
             save_merged(out_model, tokenizer, tmp)
             del out_model
             if name == "fp32":

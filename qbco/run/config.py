@@ -40,6 +40,7 @@ def auto_lr(parameters: float) -> float:
     return float(f"{LR_AT_BASE * min(1.0, (BASE_PARAMETERS / parameters) ** 0.5):.2g}")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 CHECKPOINTING = ("auto", "on", "off")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # --report-to (qbco.train.report)
 
 
 def setting(default: Any, help: str, *, flag: str | None = None, default_text: str | None = None) -> Any:
@@ -108,6 +109,11 @@ class TrainConfig:
                                         default_text="2^24 logits' worth, 341 tokens for a 49,152-token vocabulary")
     save_every: int = setting(50, "Optimizer steps between checkpoints; one is always written at the end and on Ctrl-C.")
     keep: int = setting(2, "Checkpoints kept in RUN/checkpoints.")
+    report_to: str = setting("none", "Also send every metrics record, the config and the held-out figures to trackers: "
+                             "tensorboard, wandb, mlflow, trackio, several joined by commas, or none (the run's metrics log is "
+                             "always written). Offline by default: TensorBoard and MLflow files in the run folder, W&B "
+                             "offline unless WANDB_MODE is set, Trackio's local store. Each is an extra: pip install "
+                             "'qbco[tensorboard]' (see docs/trackers.md).")
     allow_one_class: bool = setting(False, "Train BCO on data that holds only thumbs-up or only thumbs-down rows.",
                                     flag="--allow-one-class", default_text="refuse")
     trust_remote_code: bool = setting(False, "Run the Python code a hub model ships.", flag="--trust-remote-code",
@@ -173,6 +179,8 @@ class TrainConfig:
                 f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)} (got {self.gradient_checkpointing!r})",
             ),
             (self.memory_budget is None or self.memory_budget > 0, f"memory_budget must be > 0 GiB (got {self.memory_budget})"),
+            (all(t in TRACKERS for t in report_targets(self.report_to)),
+             f"report_to must be none or any of {', '.join(TRACKERS)} joined by commas (got {self.report_to!r})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -181,6 +189,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def report_targets(value: str) -> list[str]:
+    """The trackers a --report-to value names, in order, without repeats ("none" and "" name none)."""
+    names = [t.strip().lower() for t in str(value or "").split(",")]
+    return list(dict.fromkeys(t for t in names if t and t != "none"))
 
 
 def check_settings_used(config: TrainConfig, given=()) -> None:
@@ -345,7 +359,8 @@ def load_run_config(path: str | Path) -> TrainConfig:
 # order, the model and the loss would no longer be those the checkpoint continues). Checkpointing fewer or more
 # layers changes memory and time, not the losses (tests/test_checkpointing.py), so a run stopped out of memory
 # can follow the advice (--memory-budget, --gradient-checkpointing) and resume.
-RESUME_OVERRIDES = ("lr", "max_steps", "epochs", "save_every", "keep", "memory_budget", "gradient_checkpointing")
+RESUME_OVERRIDES = ("lr", "max_steps", "epochs", "save_every", "keep", "memory_budget", "gradient_checkpointing",
+                    "report_to")  # where the metrics are also sent changes nothing in the run
 
 
 def resume_overrides_help() -> str:

@@ -9,6 +9,7 @@ here, and every command reads a run through here; no other module spells a run's
       checkpoints/step-N/  adapter weights, state.pt (optimizer, scheduler, RNG), state.json (step, shift, inputs)
       eval/, eval-NAME/    qbco eval's figures on the held-out rows, or on --data NAME
       metrics.png          qbco plot's curves
+      tensorboard/, mlflow.db, mlflow-artifacts/, wandb/   --report-to's offline stores (qbco.train.report)
 
 A folder written by `qbco merge` holds qbco_merge.json, which names the run it came from and its base.
 """
@@ -58,6 +59,9 @@ EVAL = "eval"
 EVAL_FIGURES = "metrics.json"  # in eval/: which rows the figures are of
 PLOT = "metrics.png"
 MERGE_INFO = "qbco_merge.json"
+TENSORBOARD = "tensorboard"  # --report-to tensorboard: the event files
+MLFLOW_STORE = "mlflow.db"  # --report-to mlflow without MLFLOW_TRACKING_URI: a SQLite store of this run
+MLFLOW_ARTIFACTS = "mlflow-artifacts"
 
 
 class RunFolder:
@@ -76,6 +80,18 @@ class RunFolder:
     @property
     def metrics_file(self) -> Path:
         return self.path / METRICS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def mlflow_store(self) -> Path:
+        return self.path / MLFLOW_STORE
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.path / MLFLOW_ARTIFACTS
 
     @property
     def adapter(self) -> Path:

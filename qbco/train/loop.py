@@ -34,6 +34,7 @@ from qbco.run.config import TrainConfig
 from qbco.run.folder import RunFolder
 from qbco.train.checkpoint import rng_state
 from qbco.train.prepare import Run, prepare_run
+from qbco.train.report import Reported, check_trackers
 
 
 @dataclass
@@ -62,12 +63,13 @@ def train(config: TrainConfig, progress=None, log=print, resume: str | Path | No
 def _train(config: TrainConfig, progress, log, resume: str | Path | None, overwrite: bool) -> RunResult:
     if launched_rank() != 0:
         progress, log = None, lambda message: None
+    check_trackers(config.report_to if config is not None else "none")  # a missing package fails before anything loads
     run = prepare_run(config, log, resume, overwrite, progress)
     config, out, loss, tokens = run.config, run.out, None, 0
     task = progress.add_task("training", total=run.total_steps, completed=run.start_step, loss=float("nan"),
                              delta=run.shift.delta, tps=0.0) if progress else None
     run.started = time.perf_counter()
-    with metrics_writer(run) as metrics, StopSignals(log) as signals:
+    with metrics_writer(run, log) as metrics, StopSignals(log) as signals:
         for step in range(run.start_step + 1, run.total_steps + 1):
             step_start = time.perf_counter()
             window = next(run.windows)
@@ -242,9 +244,13 @@ def save_final_adapter(run: Run) -> None:
     run.parallel.barrier()
 
 
-def metrics_writer(run: Run):
-    """The metrics log, written by rank 0 alone (the other ranks' records are the same)."""
-    return RunFolder(run.out).metrics_writer() if run.parallel.main else NoMetrics()
+def metrics_writer(run: Run, log=print):
+    """The metrics log, written by rank 0 alone (the other ranks' records are the same), each record also sent to
+    the trackers --report-to names (qbco/train/report.py)."""
+    if not run.parallel.main:
+        return NoMetrics()
+    folder = RunFolder(run.out)
+    return Reported(folder.metrics_writer(), folder, run.config, check_trackers(run.config.report_to), log)
 
 
 class NoMetrics(nullcontext):

@@ -20,9 +20,9 @@ from qbco.common.progress import Wait
 from qbco.data.encoding import Encoded, encode_all, epoch_order
 from qbco.data.feedback import check_data_source, load_feedback
 from qbco.model.device import compute_dtype
-from qbco.model.loading import load_policy, parameter_count
+from qbco.model.loading import load_policy, load_tokenizer, parameter_count
 from qbco.model.logprobs import reference_logps
-from qbco.model.memory import Plan, estimate
+from qbco.model.memory import Plan, plan
 from qbco.model.names import cache_dir, resolve_model
 from qbco.model.recompute import apply_recompute
 from qbco.model.refcache import ReferenceInterrupted, cache_key
@@ -122,7 +122,12 @@ def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None
         # fp16's GradScaler would see only this rank's gradient shard: ranks could skip different steps
         raise QbcoError("--fsdp trains in bf16 or fp32, not fp16 (its loss scaler's overflow check would see one "
                         "rank's shard of the gradients); use --dtype bf16 (or fp32), or DDP without --fsdp")
-    log_memory_estimate(config, device, log)
+    # The rows' token lengths plan activation recompute; planned here, before the model loads, the one memory line
+    # is the estimate the run then uses (docs/pitfalls.md, 11).
+    tokenizer = load_tokenizer(resolve_model(config.model), config.trust_remote_code)
+    train_rows, eval_rows = (encode_all(e, tokenizer, config.max_prompt_length, config.max_completion_length)
+                             for e in (train_examples, eval_examples))
+    planned = memory_plan(config, device, train_rows + eval_rows, log)
 
     parallel.start(device)
     out = parallel.same(out)  # a default folder is named by the clock: rank 0's
@@ -135,15 +140,11 @@ def prepare_run(config: TrainConfig | None, log=print, resume: str | Path | None
     config = config.sized(parameters=parameters)  # auto lr: from the model's size (run.config.auto_lr)
     if asked.lr is None or asked.epochs is None:
         log(asked.sized_line(len(units), parameters))
-    train_rows, eval_rows = (encode_all(e, tokenizer, config.max_prompt_length, config.max_completion_length)
-                             for e in (train_examples, eval_examples))
     dtype = compute_dtype(config.dtype, device)
     inputs |= model_fingerprint(train_rows, eval_rows, base_path, config.load_in_4bit, dtype)
     check_inputs(out, since, saved, inputs, log)  # a library upgraded under the run: a warning naming it
     describe_data(train_rows, eval_rows, log)
-    recompute = apply_recompute(model, config, train_rows + eval_rows, device)  # k from the longest rows
-    if recompute is not None:
-        log(recompute.estimate.line(config, recompute.every_n, recompute.budget))
+    recompute = apply_recompute(model, config, train_rows + eval_rows, device, planned)  # k from the longest rows
     if resume is None and parallel.main:
         RunFolder(out).publish(config)
     parallel.wrap(model, device)
@@ -241,15 +242,20 @@ def describe_data(train_rows: list[Encoded], eval_rows: list[Encoded], log) -> N
             f"{cut_c} completions (from the right)")
 
 
-def log_memory_estimate(config: TrainConfig, device, log) -> None:
-    """One line before loading: what the run will need and which flag shrinks what (docs/pitfalls.md, 11)."""
+def memory_plan(config: TrainConfig, device, rows: list[Encoded], log) -> Plan | None:
+    """The run's recompute plan from the model's config and the longest of `rows`, and its one line, before the
+    model loads: what the run will need at the layers it will recompute, and which flag shrinks what
+    (docs/pitfalls.md, 11). None, and no line, where no config is reachable or it is not a llama-style decoder."""
     from transformers import AutoConfig  # transformers' import costs seconds; here only when a run starts
 
+    longest = max((len(e) for e in rows), default=config.max_prompt_length + config.max_completion_length)
     try:
         hf_config = AutoConfig.from_pretrained(resolve_model(config.model), trust_remote_code=config.trust_remote_code)
-        log(estimate(hf_config, config, compute_dtype(config.dtype, device).itemsize).line(config))
-    except (OSError, AttributeError, TypeError):  # no config reachable, or not a llama-style decoder: no estimate
-        pass
+        chosen = plan(hf_config, config, compute_dtype(config.dtype, device).itemsize, longest, device)
+    except (OSError, AttributeError, TypeError):
+        return None
+    log(chosen.estimate.line(config, chosen.every_n, chosen.budget))
+    return chosen
 
 
 def loss_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler | None:
