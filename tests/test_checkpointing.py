@@ -55,7 +55,7 @@ def run(tmp_path, model, name, **flags):
     data.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(20)), encoding="utf-8")
     config = build_config(model=str(model), data=str(data), output=str(tmp_path / name), eval_fraction=0.0,
                           batch_size=8, max_steps=4, warmup_ratio=0.0, lr=1e-2, beta=0.5, max_prompt_length=32,
-                          max_completion_length=16, load_in_4bit=False, seed=1, **flags)
+                          max_completion_length=16, load_in_4bit=False, seed=1, sft_weight=0.0, **flags)
     result = train(config, log=lambda message: None)
     records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in records if m.get("split") != "eval"]

@@ -54,7 +54,7 @@ def sharp_run(tmp_path_factory):
     data.write_text("".join(json.dumps(r) + "\n" for r in separable_rows(40)), encoding="utf-8")
     config = build_config(model=str(folder / "model"), data=str(data), output=str(folder / "run"), eval_fraction=0.25,
                           lr=2e-3, beta=0.5, max_steps=40, epochs=100, batch_size=8, max_prompt_length=32,
-                          max_completion_length=16)
+                          max_completion_length=16, sft_weight=0.0)  # the paper's BCO: the update this test sized
     return train(config, log=quiet).output, folder / "model"
 
 

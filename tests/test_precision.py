@@ -84,7 +84,7 @@ def test_the_heads_bf16_gradient_is_within_bf16_rounding_of_float64():
 
 def run(tmp_path, name, model_dir, data, log=lambda message: None, **overrides):
     settings = dict(model=str(model_dir), data=str(data), output=str(tmp_path / name), eval_fraction=0.0, lr=1e-2, beta=0.5,
-                    max_steps=5, batch_size=8, max_prompt_length=32, max_completion_length=16)
+                    max_steps=5, batch_size=8, max_prompt_length=32, max_completion_length=16, sft_weight=0.0)
     return train(build_config(**{**settings, **overrides}), log=log)
 
 

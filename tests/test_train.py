@@ -26,7 +26,7 @@ def read_metrics(folder):
 
 
 def test_tiny_llama_learns_separable_feedback(tmp_path, tiny_model_dir, separable_file):
-    result = run(tmp_path, "run", tiny_model_dir, separable_file)
+    result = run(tmp_path, "run", tiny_model_dir, separable_file, sft_weight=0.0)  # BCO's own loss learns it
     steps, evals = read_metrics(result.output)
     assert len(steps) == result.steps and all(KEYS <= m.keys() for m in steps)
     assert [m["step"] for m in steps] == list(range(1, result.steps + 1))
@@ -97,7 +97,8 @@ def test_reference_log_probs_are_cached_and_reused(tmp_path, tiny_model_dir, sep
 def test_sft_weight_adds_the_thumbs_up_nll_and_keeps_accumulation_exact(tmp_path, tiny_model_dir, separable_file):
     """--sft-weight: the logged sft_nll is the window's per-token NLL of its thumbs-up rows, checked here from
     the step-1 loss (at step 1 the policy is the reference, so r = 0 and BCO's part is 2 log 2); batch 8 x 1
-    and 2 x 4 give the same losses and adapter; --sft-weight 0 logs exactly what the paper's loss logs."""
+    and 2 x 4 give the same losses and adapter; a plain BCO run adds it at weight 3; --sft-weight 0 is the paper's
+    loss alone."""
     import math
 
     from safetensors.torch import load_file
@@ -113,11 +114,11 @@ def test_sft_weight_adds_the_thumbs_up_nll_and_keeps_accumulation_exact(tmp_path
     wa, wb = load_file(a.output / "adapter/adapter_model.safetensors"), load_file(b.output / "adapter/adapter_model.safetensors")
     for key in wa:
         assert (wa[key] - wb[key]).norm() <= 1e-4 * wa[key].norm(), key
-    paper = run(tmp_path, "paper", tiny_model_dir, separable_file, max_steps=3, epochs=1, load_in_4bit=False)
+    default = run(tmp_path, "default", tiny_model_dir, separable_file, max_steps=3, epochs=1, load_in_4bit=False)
     zero = run(tmp_path, "zero", tiny_model_dir, separable_file, max_steps=3, epochs=1, load_in_4bit=False, sft_weight=0.0)
-    (sp, _), (sz, _) = read_metrics(paper.output), read_metrics(zero.output)
-    drop = lambda steps: [{k: v for k, v in m.items() if k not in ("tokens_per_s", "elapsed_s")} for m in steps]  # noqa: E731
-    assert drop(sp) == drop(sz) and "sft_nll" not in sp[0]
+    (sd, _), (sz, _) = read_metrics(default.output), read_metrics(zero.output)
+    assert sd[0]["loss"] == pytest.approx(2 * math.log(2) + 3.0 * sd[0]["sft_nll"], rel=1e-5)  # BCO's default weight: 3
+    assert sz[0]["loss"] == pytest.approx(2 * math.log(2), rel=1e-6) and "sft_nll" not in sz[0]  # the paper's loss
 
 
 def test_sft_weight_lifts_the_thumbs_up_likelihood(tmp_path, tiny_model_dir, separable_file):
@@ -125,7 +126,7 @@ def test_sft_weight_lifts_the_thumbs_up_likelihood(tmp_path, tiny_model_dir, sep
     log-likelihood gained over the reference) higher than without, and their per-token NLL lower than at the
     start; both runs still classify the held-out rows."""
     common = dict(load_in_4bit=False, lr=3e-3)
-    plain = run(tmp_path, "plain", tiny_model_dir, separable_file, **common)
+    plain = run(tmp_path, "plain", tiny_model_dir, separable_file, sft_weight=0.0, **common)
     lifted = run(tmp_path, "lifted", tiny_model_dir, separable_file, sft_weight=1.0, **common)
     (sp, _), (sl, _) = read_metrics(plain.output), read_metrics(lifted.output)
 
