@@ -22,10 +22,13 @@ def requirement_name(spec: str) -> str:
     return re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0].strip().lower().replace("_", "-")
 
 
-def imported_modules() -> set[str]:
-    """Top-level names of every absolute import in qbco/, stdlib and qbco itself left out."""
+def imported_modules(skip: tuple[str, ...] = ()) -> set[str]:
+    """Top-level names of every absolute import in qbco/ (but the modules in `skip`), stdlib and qbco itself
+    left out."""
     names = set()
     for path in (ROOT / "qbco").rglob("*.py"):
+        if path.relative_to(ROOT).as_posix() in skip:
+            continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 names |= {a.name.split(".")[0] for a in node.names}
@@ -34,18 +37,30 @@ def imported_modules() -> set[str]:
     return {n for n in names if n not in sys.stdlib_module_names and n != "qbco"}
 
 
+TRACKERS = "qbco/train/report.py"  # the one module that imports an extra (--report-to's clients), when asked
+
+
 def test_every_module_qbco_imports_is_a_dependency():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     dependencies = {requirement_name(d) for d in project["dependencies"]}
+    extras = {requirement_name(d) for name, group in project["optional-dependencies"].items() if name != "dev"
+              for d in group}
     owners = metadata.packages_distributions()
-    missing = {}
-    for module in imported_modules():
-        dists = {d.lower().replace("_", "-") for d in owners.get(module, [module])}
-        if not dists & dependencies:
-            missing[module] = sorted(dists)
+
+    def missing(modules, allowed):
+        found = {}
+        for module in modules:
+            dists = {d.lower().replace("_", "-") for d in owners.get(module, [module])}
+            if not dists & allowed:
+                found[module] = sorted(dists)
+        return found
+
     # scikit-learn and matplotlib were an extra: `qbco eval` failed on a plain `pip install qbco`.
     assert {"sklearn", "matplotlib"} <= imported_modules()
-    assert missing == {}
+    assert missing(imported_modules(skip=(TRACKERS,)), dependencies) == {}
+    # The trackers' clients are extras (qbco[mlflow], ...): imported by the tracker module alone, only when asked.
+    assert missing(imported_modules(), dependencies | extras) == {}
+    assert {"mlflow", "wandb", "trackio"} <= imported_modules() - imported_modules(skip=(TRACKERS,))
 
 
 def test_the_wheel_holds_every_module_the_recipes_and_the_demo(tmp_path):

@@ -25,6 +25,7 @@ BALANCES = ("none", "oversample", "weight")
 # gives a file of 100 rows 12 steps); the learning rate is 1e-3 at 135M parameters, scaled by sqrt(135M / N) above.
 LOSS_SFT_WEIGHT = {"bco": 3.0, "bce": 0.0, "kto": 0.0, "dpo": 0.0}
 ROWS_SEEN, MAX_PASSES = 900, 10
+AUTO_SETTINGS = ("lr", "epochs")  # None until the run fills them in from the file and the model (TrainConfig.sized)
 LR_AT_BASE, BASE_PARAMETERS = 1e-3, 135e6
 
 
@@ -132,6 +133,11 @@ class TrainConfig:
         epochs = auto_epochs(rows) if self.epochs is None and rows is not None else self.epochs
         lr = auto_lr(parameters) if self.lr is None and parameters is not None else self.lr
         return dataclasses.replace(self, epochs=epochs, lr=lr)
+
+    def as_asked(self, asked: "TrainConfig") -> "TrainConfig":
+        """`asked` (a command's config) with the settings it left to the run (AUTO_SETTINGS, None) read as this
+        run's config filled them in: the same command, compared with the run it started."""
+        return dataclasses.replace(asked, **{k: getattr(self, k) for k in AUTO_SETTINGS if getattr(asked, k) is None})
 
     def sized_line(self, rows: int, parameters: float) -> str:
         """What the sized defaults came to, for the run's first lines (empty when all were given)."""

@@ -264,9 +264,10 @@ class RunFolder:
         if self.metrics_file.is_file() and self.metrics_file.read_text(encoding="utf-8").strip():
             return False
         try:
-            return not changed_settings(load_run_config(self.config_file), config)
+            saved = load_run_config(self.config_file)
         except QbcoError:  # a config that no longer reads is not this run
             return False
+        return not changed_settings(saved, saved.as_asked(config))
 
     def check_new(self, overwrite: bool, config: TrainConfig | None = None) -> None:
         """A new run goes into a missing or empty folder; one that holds a run needs --overwrite (or --resume),
