@@ -150,9 +150,36 @@ def test_the_gap_merge_reports_equals_one_computed_here(bpe_run, tmp_path):
 def test_a_file_with_q_k_rows_not_permuted_is_refused_and_nothing_kept(bpe_run, tmp_path):
     run, _ = bpe_run
     out = tmp_path / "wrong"
-    with pytest.raises(QbcoError, match=r"the f16 GGUF file moves the model .* nats per token .* nothing was written"):
+    with pytest.raises(QbcoError, match=r"the f16 GGUF file fails its check on 24 held-out rows of .*: f16: mean .* nats "
+                                        r"per token over the limit 0.05; nothing was written"):
         ggufx.merge_gguf(run, out, "f16", device=CPU, log=quiet, permute=False)
     assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_a_gguf_of_a_run_whose_adapter_was_not_applied_is_refused(bpe_run, tmp_path, monkeypatch):
+    """The safetensors merge's base rule holds for GGUF too: a trained model that answers like its base (every
+    lora_B zero after loading) is refused before anything is written, as test_merge shows for safetensors."""
+    from test_merge import _unapplied_adapter
+
+    run, _ = bpe_run
+    _unapplied_adapter(monkeypatch)
+    with pytest.raises(QbcoError, match=r"answers like its base: 0 nats.*adapter .* was not applied"):
+        ggufx.merge_gguf(run, tmp_path / "out", "f16", device=CPU, log=quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gguf_that_equals_the_base_fails_under_any_limit(bpe_run, tmp_path, monkeypatch):
+    """A file that lost the whole training (the base written instead of the merge) is refused under a loose
+    --max-gap: the file must stay closer to the trained model than the training moved it from its base."""
+    def base_only(trained, run_dir):
+        base = trained.unload()
+        return base.dequantize(dtype=torch.float32) if getattr(base, "hf_quantizer", None) is not None else base
+
+    run, _ = bpe_run
+    monkeypatch.setattr(ggufx, "merge_exact", base_only)
+    with pytest.raises(QbcoError, match=r"from its base: the merge lost most of the training; nothing was written"):
+        ggufx.merge_gguf(run, tmp_path / "out", "f16", max_gap=10, device=CPU, log=quiet)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_other_architectures_and_types_are_refused_in_one_line():

@@ -27,13 +27,15 @@ from qbco.data.encoding import Encoded
 from qbco.export.merge import (
     Gap,
     _release,
+    base_token_logps,
+    check_rows,
+    check_trained,
     completion_token_logps,
     gap,
-    held_out_rows,
     load_trained,
     merge_device,
     merge_exact,
-    passes,
+    why_not,
 )
 from qbco.model.loading import load_tokenizer
 from qbco.model.names import base_weights, hub_id, no_bars, resolve_model
@@ -337,11 +339,14 @@ def merge_gguf(run_dir: str | Path, output: str | Path, kind: str, max_gap: floa
     log("loading the trained model (base + adapter)")
     tokenizer = load_tokenizer(str(RunFolder(run_dir).adapter))
     trained = load_trained(run_dir, config, device)
-    rows, notes = held_out_rows(config, tokenizer, CHECK_ROWS)
+    rows, notes, named = check_rows(config, tokenizer, CHECK_ROWS)
     for note in notes:
         log(note)
     reference = completion_token_logps(trained, rows, device, Wait(progress, "measuring the trained model", len(rows)))
-    log(f"trained model measured on {len(rows)} held-out rows; merging in fp32")
+    trained_vs_base = gap("base", base_token_logps(trained, rows, device), reference)
+    log(f"trained model measured on {named}: {trained_vs_base.mean:.3g} nats per token from its base "
+        f"(worst row {trained_vs_base.worst_row:.3g}); merging in fp32")
+    check_trained(trained_vs_base, RunFolder(run_dir).adapter, named)  # an adapter not applied: refused, as merge does
     merged = merge_exact(trained, run_dir).to("cpu")
     del trained
     _release()
@@ -358,11 +363,11 @@ def merge_gguf(run_dir: str | Path, output: str | Path, kind: str, max_gap: floa
         result_gap = measure_file(tmp, file_name, rows, reference, kind, device,
                                   Wait(progress, f"measuring the {kind} file", len(rows)))
         log(f"{kind}: {result_gap.mean:.3g} nats per token from the trained model (limit {max_gap:g})")
-        if not passes(result_gap, max_gap):
+        failed = why_not(result_gap, max_gap, trained_vs_base)  # the safetensors merge's rules, base included
+        if failed is not None:
             wider = [t for t in TYPES[: TYPES.index(kind)] if t != "bf16"] or ["f16"]
-            raise QbcoError(f"the {kind} GGUF file moves the model {result_gap.mean:.3g} nats per token from the trained "
-                            f"one (limit {max_gap:g}); nothing was written. A wider type ({', '.join(reversed(wider))}) "
-                            "loses less; --max-gap sets the limit")
+            raise QbcoError(f"the {kind} GGUF file fails its check on {named}: {failed}; nothing was written. A wider "
+                            f"type ({', '.join(reversed(wider))}) loses less; --max-gap sets the limit")
         same = tokenizer_agreement(tmp, file_name, tokenizer, rows)
         if same[0] < same[1]:
             notes.append(f"the file's tokenizer, read back by transformers, encodes {same[1] - same[0]} of {same[1]} "
