@@ -27,17 +27,13 @@ from qbco.data.encoding import Encoded
 from qbco.export.merge import (
     Gap,
     _release,
-    base_token_logps,
-    check_rows,
-    check_trained,
     completion_token_logps,
     gap,
-    load_trained,
+    measure_trained,
     merge_device,
     merge_exact,
     why_not,
 )
-from qbco.model.loading import load_tokenizer
 from qbco.model.names import base_weights, hub_id, no_bars, resolve_model
 from qbco.run.folder import RunFolder
 
@@ -337,16 +333,8 @@ def merge_gguf(run_dir: str | Path, output: str | Path, kind: str, max_gap: floa
     architecture(AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code))  # refused before loading
 
     log("loading the trained model (base + adapter)")
-    tokenizer = load_tokenizer(str(RunFolder(run_dir).adapter))
-    trained = load_trained(run_dir, config, device)
-    rows, notes, named = check_rows(config, tokenizer, CHECK_ROWS)
-    for note in notes:
-        log(note)
-    reference = completion_token_logps(trained, rows, device, Wait(progress, "measuring the trained model", len(rows)))
-    trained_vs_base = gap("base", base_token_logps(trained, rows, device), reference)
-    log(f"trained model measured on {named}: {trained_vs_base.mean:.3g} nats per token from its base "
-        f"(worst row {trained_vs_base.worst_row:.3g}); merging in fp32")
-    check_trained(trained_vs_base, RunFolder(run_dir).adapter, named)  # an adapter not applied: refused, as merge does
+    tokenizer, trained, m = measure_trained(run_dir, config, device, progress, log, CHECK_ROWS)  # as merge measures
+    rows, notes, named, reference, trained_vs_base = m.rows, m.notes, m.named, m.reference, m.base
     merged = merge_exact(trained, run_dir).to("cpu")
     del trained
     _release()

@@ -194,6 +194,34 @@ def check_trained(trained_vs_base: Gap, adapter: Path, rows: str) -> None:
 # ---------------------------------------------------------------- the trained model and the exact merge
 
 
+@dataclass
+class Measured:
+    """The check rows (named, with notes on where they come from), the trained model's log-probs of their
+    completion tokens (what an output is compared with), and its gap to its base (`base`)."""
+
+    rows: list[Encoded]
+    notes: list[str]
+    named: str
+    reference: list[torch.Tensor]
+    base: Gap
+
+
+def measure_trained(run_dir: Path, config: TrainConfig, device, progress, log, limit: int = CHECK_ROWS):
+    """(tokenizer, trained PeftModel, Measured): what the safetensors and the GGUF merge both check against,
+    measured once; a trained model that answers like its base is refused here (check_trained)."""
+    tokenizer = load_tokenizer(str(RunFolder(run_dir).adapter))
+    trained = load_trained(run_dir, config, device)
+    rows, notes, named = check_rows(config, tokenizer, limit)
+    for note in notes:
+        log(note)
+    reference = completion_token_logps(trained, rows, device, Wait(progress, "measuring the trained model", len(rows)))
+    base = gap("base", base_token_logps(trained, rows, device), reference)
+    log(f"trained model measured on {named}: {base.mean:.3g} nats per token from its base "
+        f"(worst row {base.worst_row:.3g}); merging in fp32")
+    check_trained(base, RunFolder(run_dir).adapter, named)
+    return tokenizer, trained, Measured(rows, notes, named, reference, base)
+
+
 def check_adapter(run_dir: Path, model_config) -> None:
     """Refuse an adapter on a tied lm_head / embed_tokens: merged, it would change both (docs/pitfalls.md, 12)."""
     targets = RunFolder(run_dir).adapter_targets()
@@ -480,16 +508,8 @@ def merge(run_dir: str | Path, output: str | Path, dtype: str = "auto", max_gap:
         if device.type == "cuda" and memory.device_peak > torch.cuda.mem_get_info(device)[0]:
             log(f"note: {device} has {_size(torch.cuda.mem_get_info(device)[0])} free; --device cpu merges in RAM")
 
-    tokenizer = load_tokenizer(str(RunFolder(run_dir).adapter))
-    trained = load_trained(run_dir, config, device)
-    rows, notes, named = check_rows(config, tokenizer, CHECK_ROWS)
-    for note in notes:
-        log(note)
-    reference = completion_token_logps(trained, rows, device, Wait(progress, "measuring the trained model", len(rows)))
-    trained_vs_base = gap("base", base_token_logps(trained, rows, device), reference)
-    log(f"trained model measured on {named}: {trained_vs_base.mean:.3g} nats per token from its base "
-        f"(worst row {trained_vs_base.worst_row:.3g}); merging in fp32")
-    check_trained(trained_vs_base, RunFolder(run_dir).adapter, named)
+    tokenizer, trained, m = measure_trained(run_dir, config, device, progress, log)
+    rows, notes, named, reference, trained_vs_base = m.rows, m.notes, m.named, m.reference, m.base
     merged = merge_exact(trained, run_dir)
     del trained
     if device.type == "cuda":
